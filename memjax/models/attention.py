@@ -1,19 +1,23 @@
 """Multi-head attention shared by the UNet, the VAE and the CLIP text encoder.
 
-All attention goes through `jax.nn.dot_product_attention`, which lowers to cuDNN's
-fused kernel on GPUs and never materialises a float32 [L, L] score matrix per head
-there (ALGORITHMS.md section 6: sequence 4096 at 64 x 64 latents). Its XLA path
-computes the logits and the softmax in float32 whatever the input dtype, which is
-what diffusers' `upcast_attention=True` (SD2) and `upcast_softmax` ask for.
+All attention goes through `jax.nn.dot_product_attention`. On GPUs, for half
+precision and head dims up to 128 (cuDNN's fused kernel's limits), memjax asks for
+cuDNN's fused flash attention, which never materialises a float32 [L, L] score
+matrix per head (ALGORITHMS.md section 6: sequence 4096 at 64 x 64 latents);
+JAX's own default (None) picks XLA there. Everything else (CPU, float32, the VAE's
+single 512-wide head) takes the XLA path, which computes logits and softmax in
+float32 whatever the input dtype: what diffusers' `upcast_attention=True` (SD2)
+and `upcast_softmax` ask for.
 """
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
 
-# None lets JAX choose (cuDNN where it can on GPU, XLA elsewhere). Set through
-# `set_attention_implementation` by entry points and benchmarks, read at trace time.
+# None: memjax's choice (`_choose`). Set through `set_attention_implementation`
+# by entry points and benchmarks; read at trace time.
 _IMPLEMENTATION: Optional[str] = None
+_CUDNN_MAX_HEAD_DIM = 128
 
 
 def set_attention_implementation(name: Optional[str]) -> None:
@@ -45,5 +49,15 @@ def multi_head_attention(q: jax.Array, k: jax.Array, v: jax.Array, num_heads: in
   k = k.reshape(b, lk, num_heads, d)
   v = v.reshape(b, lk, num_heads, d)
   out = jax.nn.dot_product_attention(q, k, v, is_causal=is_causal,
-                                     implementation=_IMPLEMENTATION)
+                                     implementation=_choose(d, q.dtype))
   return out.reshape(b, lq, c).astype(q.dtype)
+
+
+def _choose(head_dim: int, dtype) -> Optional[str]:
+  """The kernel for one call: the forced one, else cuDNN where it applies."""
+  fits_cudnn = head_dim <= _CUDNN_MAX_HEAD_DIM and dtype in (jnp.bfloat16, jnp.float16)
+  if _IMPLEMENTATION == "cudnn":
+    return "cudnn" if fits_cudnn else "xla"
+  if _IMPLEMENTATION is None and fits_cudnn and jax.default_backend() == "gpu":
+    return "cudnn"
+  return "xla" if _IMPLEMENTATION is None else _IMPLEMENTATION
