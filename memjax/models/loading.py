@@ -1,0 +1,156 @@
+"""Loading a Stable Diffusion folder in the diffusers layout into memjax.
+
+    model_index.json
+    unet/config.json          unet/diffusion_pytorch_model.safetensors (or .bin)
+    vae/config.json           vae/diffusion_pytorch_model.safetensors
+    text_encoder/config.json  text_encoder/model.safetensors
+    tokenizer/                vocab.json, merges.txt, special_tokens_map.json, ...
+    scheduler/scheduler_config.json
+
+Weights are converted on the CPU, as numpy, by `convert.torch_to_flax` against
+the module's abstract params (`jax.eval_shape`; nothing is initialised), then cast
+to the requested dtype. The caller places them on devices (replicated over a mesh).
+"""
+import dataclasses
+import json
+import os
+import time
+from typing import Dict, Optional, Sequence
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+from memjax.errors import ConfigError
+from memjax.models import checkpoint
+from memjax.models import clip_text
+from memjax.models import convert
+from memjax.models import unet as unet_lib
+from memjax.models import vae as vae_lib
+from memjax.schedule import Schedule
+from memjax.tokenizer import CLIPTokenizer
+
+COMPONENTS = ("unet", "vae", "text_encoder")
+_NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
+
+
+@dataclasses.dataclass
+class StableDiffusion:
+  """Modules, params (numpy, nested dicts) and preprocessing of one model folder."""
+  model_dir: str
+  unet: Optional[unet_lib.UNet2DConditionModel]
+  vae: Optional[vae_lib.AutoencoderKL]
+  text_encoder: Optional[clip_text.CLIPTextModel]
+  tokenizer: CLIPTokenizer
+  schedule: Schedule
+  params: Dict[str, dict]
+  configs: Dict[str, dict]
+  dtype: str
+
+  @property
+  def latent_shape_chw(self):
+    """(C, H, W) of the UNet's latents, from unet/config.json's sample_size."""
+    cfg = self.configs["unet"]
+    size = cfg.get("sample_size", 64)
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    return (cfg.get("in_channels", 4), h, w)
+
+  @property
+  def vae_scaling_factor(self) -> float:
+    return float(self.configs["vae"].get("scaling_factor", 0.18215))
+
+  @property
+  def max_length(self) -> int:
+    return self.tokenizer.max_length
+
+
+def _read_json(path: str) -> dict:
+  if not os.path.exists(path):
+    raise ConfigError(f"{path}: missing")
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError) as e:
+    raise ConfigError(f"{path}: not valid JSON: {e}") from None
+
+
+def dummy_inputs(name: str, module, cfg: dict):
+  if name == "unet":
+    c = cfg.get("in_channels", 4)
+    return (jnp.zeros((1, 8, 8, c)), jnp.zeros((1,), jnp.int32),
+            jnp.zeros((1, 77, cfg["cross_attention_dim"])))
+  if name == "vae":
+    f = 2 ** (len(cfg["block_out_channels"]) - 1)
+    return (jnp.zeros((1, 8 * f, 8 * f, cfg.get("in_channels", 3))),)
+  del module
+  return (jnp.zeros((1, min(77, cfg.get("max_position_embeddings", 77))), jnp.int32),)
+
+
+def build_module(name: str, cfg: dict, source: str, dtype=jnp.float32):
+  """The Flax module of one component from its config dict."""
+  if name == "unet":
+    return unet_lib.UNet2DConditionModel(unet_lib.UNetConfig.from_dict(cfg, source), dtype=dtype)
+  if name == "vae":
+    return vae_lib.AutoencoderKL(vae_lib.VAEConfig.from_dict(cfg, source), dtype=dtype)
+  if name == "text_encoder":
+    return clip_text.CLIPTextModel(clip_text.CLIPTextConfig.from_dict(cfg, source), dtype=dtype)
+  raise ValueError(name)
+
+
+def abstract_params(name: str, module, cfg: dict):
+  """The module's params as ShapeDtypeStructs, without initialising anything."""
+  shapes = jax.eval_shape(module.init, jax.random.PRNGKey(0), *dummy_inputs(name, module, cfg))
+  return shapes["params"]
+
+
+def load_stable_diffusion(model_dir: str, dtype: str = "float32",
+                          components: Sequence[str] = COMPONENTS) -> StableDiffusion:
+  """Reads a diffusers-layout folder; returns memjax modules, params and tokenizer.
+
+  Args:
+    model_dir: the folder holding model_index.json.
+    dtype: "float32" or "bfloat16", for params and activations. The schedule
+      stays float64/float32 whatever this is.
+    components: which of unet, vae, text_encoder to load (the scan needs no VAE).
+
+  Raises:
+    ConfigError / CheckpointError: naming the file and key of the first problem
+      (for weights: every missing, unexpected or mis-shaped one).
+  """
+  if dtype not in _NP_DTYPES:
+    raise ConfigError(f"dtype {dtype!r} is not supported (float32 or bfloat16)")
+  if not os.path.isdir(model_dir):
+    raise ConfigError(f"{model_dir}: model folder does not exist")
+  _read_json(os.path.join(model_dir, "model_index.json"))
+  compute_dtype = jnp.float32 if dtype == "float32" else jnp.bfloat16
+  modules, params, configs = {}, {}, {}
+  for name in COMPONENTS:
+    path = os.path.join(model_dir, name, "config.json")
+    if name not in components:
+      if os.path.exists(path):
+        configs[name] = _read_json(path)
+      continue
+    if not os.path.isdir(os.path.join(model_dir, name)):
+      raise ConfigError(f"{os.path.join(model_dir, name)}: missing component folder '{name}'")
+    start = time.perf_counter()
+    cfg = configs[name] = _read_json(path)
+    module = modules[name] = build_module(name, cfg, path, compute_dtype)
+    state, source = checkpoint.load_component_weights(os.path.join(model_dir, name))
+    if name == "text_encoder":  # transformers >= 5 saves without the text_model. prefix
+      source = {k if k.startswith("text_model.") else "text_model." + k: v
+                for k, v in source.items()}
+      state = clip_text.with_text_model_prefix(state)
+    target = abstract_params(name, module, cfg)
+    first_file = next(iter(source.values()), os.path.join(model_dir, name))
+    flat = convert.torch_to_flax(state, target, source=lambda k: source.get(k, first_file))
+    params[name] = jax.tree.map(lambda a: np.asarray(a, _NP_DTYPES[dtype]), flat)
+    logging.info("loaded %s from %s in %.2f s", name, model_dir, time.perf_counter() - start)
+  tok_dir = os.path.join(model_dir, "tokenizer")
+  if not os.path.isdir(tok_dir):
+    raise ConfigError(f"{tok_dir}: missing component folder 'tokenizer'")
+  return StableDiffusion(
+      model_dir=model_dir, unet=modules.get("unet"), vae=modules.get("vae"),
+      text_encoder=modules.get("text_encoder"), tokenizer=CLIPTokenizer.from_folder(tok_dir),
+      schedule=Schedule.from_folder(model_dir), params=params, configs=configs, dtype=dtype)

@@ -1,0 +1,77 @@
+"""The whitebox score computed with PyTorch diffusers/transformers (the reference).
+
+Loads the UNet, text encoder and tokenizer of a diffusers folder with their own
+PyTorch classes and computes ALGORITHMS.md section 2 the reference's way: the CFG
+pair [uncond, cond] through the UNet for every prompt, x_in = sqrt(1 - abar[999]) z.
+Used by the parity tests, the benchmarks and the cross-check. This is the only
+module of the scoring path's neighbours that imports torch, and only when called.
+"""
+from typing import Dict, Sequence
+
+import numpy as np
+
+
+class TorchWhitebox:
+  """Batched PyTorch reference of the DCS on one model folder."""
+
+  def __init__(self, model_dir: str, dtype: str = "float32", threads: int = 0):
+    import torch  # pylint: disable=g-import-not-at-top
+    from diffusers import UNet2DConditionModel, DDPMScheduler  # pylint: disable=g-import-not-at-top
+    from transformers import CLIPTextModel, CLIPTokenizer  # pylint: disable=g-import-not-at-top
+    if threads:
+      torch.set_num_threads(threads)
+    self.torch = torch
+    self.dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    self.unet = UNet2DConditionModel.from_pretrained(f"{model_dir}/unet").to(self.dtype).eval()
+    self.text = CLIPTextModel.from_pretrained(f"{model_dir}/text_encoder").to(self.dtype).eval()
+    self.tokenizer = CLIPTokenizer.from_pretrained(f"{model_dir}/tokenizer")
+    sched = DDPMScheduler.from_pretrained(f"{model_dir}/scheduler")
+    self.prediction_type = sched.config.prediction_type
+    abar = np.cumprod(1.0 - np.asarray(
+        np.linspace(sched.config.beta_start ** 0.5, sched.config.beta_end ** 0.5,
+                    sched.config.num_train_timesteps, dtype=np.float64) ** 2
+        if sched.config.beta_schedule == "scaled_linear" else
+        np.linspace(sched.config.beta_start, sched.config.beta_end,
+                    sched.config.num_train_timesteps, dtype=np.float64)))
+    self.t = sched.config.num_train_timesteps - 1
+    self.abar = float(abar[self.t])
+    self.sigma = float(np.sqrt((1 - self.abar) / self.abar))
+
+  def embed(self, prompts: Sequence[str]):
+    ids = self.tokenizer(list(prompts), padding="max_length", max_length=77,
+                         truncation=True, return_tensors="pt").input_ids
+    with self.torch.no_grad():
+      return self.text(ids)[0]
+
+  def eps(self, x_in, ctx):
+    """UNet eps (v converted) at t = T - 1, float32."""
+    torch = self.torch
+    with torch.no_grad():
+      t = torch.full((x_in.shape[0],), self.t, dtype=torch.long)
+      out = self.unet(x_in.to(self.dtype), t, encoder_hidden_states=ctx).sample.float()
+    if self.prediction_type == "v_prediction":
+      out = self.abar ** 0.5 * out + (1 - self.abar) ** 0.5 * x_in.float()
+    return out
+
+  def score(self, prompts: Sequence[str], noise_nchw: np.ndarray,
+            guidance_scale: float = 7.5) -> Dict[str, np.ndarray]:
+    """DCS per prompt and seed, the reference's CFG-pair way.
+
+    Args:
+      noise_nchw: [S, C, H, W] start noise z.
+    Returns:
+      dict of [B, S] float64: dcs, wen.
+    """
+    torch = self.torch
+    cond = self.embed(prompts)
+    uncond = self.embed([""]).expand(len(prompts), -1, -1)
+    ctx = torch.cat([uncond, cond])
+    dcs, wen = [], []
+    for z in noise_nchw:
+      x_in = ((1 - self.abar) ** 0.5 * torch.from_numpy(np.asarray(z, np.float32)))
+      x_in = x_in[None].expand(2 * len(prompts), -1, -1, -1)
+      e_u, e_c = self.eps(x_in, ctx).chunk(2)
+      e_cfg = e_u + guidance_scale * (e_c - e_u)
+      dcs.append((self.sigma ** 2 * e_cfg.double().pow(2).mean(dim=(1, 2, 3))).numpy())
+      wen.append((e_c - e_u).double().flatten(1).norm(dim=1).numpy())
+    return {"dcs": np.stack(dcs, 1), "wen": np.stack(wen, 1)}
