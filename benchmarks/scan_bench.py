@@ -1,0 +1,193 @@
+"""Whitebox scan throughput: memjax against PyTorch, and on accelerators.
+
+CPU mode (the ratio goes into benchmarks/RESULTS.md):
+
+    python benchmarks/scan_bench.py --mode=cpu --models=tiny,medium --batch_sizes=1,8,32
+
+builds tiny random SD folders with `memjax.tiny`, and in one run times, per model
+and batch size: memjax's jitted score (compile time separately), PyTorch diffusers
+computing the same DCS the reference's way (CFG pair per prompt) and PyTorch with
+the unconditional output computed once (memjax's formulation), on the same folder.
+
+Accelerator mode (full SD1.5 architecture, random weights, no folder needed):
+
+    python benchmarks/scan_bench.py --mode=accelerator --batch_sizes=16,32,64,128
+
+reports prompts/s, compile time, peak device memory and MFU: nominal (1.63 TFLOP
+per prompt, the reference's CFG pair) and executed (XLA's FLOP count of the
+compiled step, which has one UNet forward per prompt) against --peak_tflops.
+"""
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+NOMINAL_TFLOP_PER_PROMPT = 1.63  # ALGORITHMS.md section 6 (SD1.x, 64 x 64 latents, CFG pair)
+
+
+def _time(fn, repeats):
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t0)
+  return float(np.median(times))
+
+
+def _jax_scorer(text, unet, text_params, unet_params, schedule, latent_hwc, batch, seeds,
+                guidance=7.5):
+  """Jitted memjax score on one device; returns (step(ids), compile_s, flops)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from memjax import whitebox  # pylint: disable=g-import-not-at-top
+  shape = (seeds,) + tuple(latent_hwc)
+  noise = jax.random.normal(jax.random.PRNGKey(0), shape, jnp.float32)
+  uncond = jax.jit(whitebox.make_uncond_fn(text.apply, unet.apply, schedule, 999))
+  empty = jnp.zeros((1, 77), jnp.int32)
+  e_u = uncond(text_params, unet_params, empty, noise)
+  score = jax.jit(whitebox.make_score_fn(text.apply, unet.apply, schedule, guidance, 999))
+  ids = jnp.asarray(np.random.default_rng(0).integers(0, 1000, (batch, 77)), jnp.int32)
+  t0 = time.perf_counter()
+  compiled = score.lower(text_params, unet_params, ids, noise, e_u).compile()
+  compile_s = time.perf_counter() - t0
+  try:
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    flops = float(cost.get("flops", float("nan")))
+  except Exception:  # pylint: disable=broad-except  # not every backend reports it
+    flops = float("nan")
+
+  def step():
+    return jax.block_until_ready(compiled(text_params, unet_params, ids, noise, e_u))
+
+  step.first = np.asarray(step()["dcs"], np.float64)
+  return step, compile_s, flops
+
+
+def cpu_mode(args):
+  import torch  # pylint: disable=g-import-not-at-top
+  from memjax import tiny  # pylint: disable=g-import-not-at-top
+  from memjax.models import loading  # pylint: disable=g-import-not-at-top
+  from memjax.torch_reference import TorchWhitebox  # pylint: disable=g-import-not-at-top
+  torch.set_num_threads(os.cpu_count())
+  rows = []
+  for name in args.models.split(","):
+    style = {"tiny": "sd1", "medium": "medium"}[name]
+    folder = tiny.build_tiny_model(os.path.join(tempfile.mkdtemp(), name), style, num_merges=2000)
+    sd = loading.load_stable_diffusion(folder, "float32", components=("unet", "text_encoder"))
+    n_params = sum(int(np.prod(v.shape)) for v in __import__("jax").tree.leaves(sd.params["unet"]))
+    ref = TorchWhitebox(folder)
+    c, h, w = sd.latent_shape_chw
+    z = np.random.default_rng(0).standard_normal((1, c, h, w)).astype(np.float32)
+    for batch in [int(b) for b in args.batch_sizes.split(",")]:
+      step, compile_s, _ = _jax_scorer(sd.text_encoder, sd.unet, sd.params["text_encoder"],
+                                       sd.params["unet"], sd.schedule, (h, w, c), batch, 1)
+      t_jax = _time(step, args.repeats)
+      prompts = ["a photo of a cat"] * batch
+      t_ref = _time(lambda: ref.score(prompts, z), args.repeats)
+      x = torch.from_numpy(z * (1 - ref.abar) ** 0.5)
+
+      def torch_once():  # memjax's formulation in PyTorch: e_u precomputed
+        ctx = ref.embed(prompts)
+        return ref.eps(x.expand(batch, -1, -1, -1), ctx)
+      t_once = _time(torch_once, args.repeats)
+      rows.append({"model": name, "unet_params_M": round(n_params / 1e6, 2),
+                   "latents": f"{h}x{w}", "batch": batch, "compile_s": round(compile_s, 2),
+                   "memjax_prompts_per_s": round(batch / t_jax, 1),
+                   "torch_cfg_pair_prompts_per_s": round(batch / t_ref, 1),
+                   "torch_uncond_once_prompts_per_s": round(batch / t_once, 1),
+                   "ratio_vs_torch_cfg_pair": round(t_ref / t_jax, 2),
+                   "ratio_vs_torch_same_formulation": round(t_once / t_jax, 2)})
+      print(json.dumps(rows[-1]), flush=True)
+  return rows
+
+
+def accelerator_mode(args):
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from memjax import tiny  # pylint: disable=g-import-not-at-top
+  from memjax.models import attention  # pylint: disable=g-import-not-at-top
+  from memjax.models import loading  # pylint: disable=g-import-not-at-top
+  from memjax.schedule import Schedule  # pylint: disable=g-import-not-at-top
+  dtype = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}[args.dtype]
+  cfgs = tiny.tiny_configs(args.arch)
+  schedule = Schedule.from_config(cfgs["scheduler"])
+  modules, params = {}, {}
+  t0 = time.perf_counter()
+  for name in ("unet", "text_encoder"):
+    modules[name] = loading.build_module(name, cfgs[name], f"<{name}>", dtype)
+    params[name] = jax.device_put(jax.tree.map(
+        lambda a: np.asarray(a, dtype), tiny.random_params(name, cfgs[name])))
+  print(f"random params built in {time.perf_counter() - t0:.1f} s", flush=True)
+  n_params = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(params["unet"]))
+  size = cfgs["unet"]["sample_size"]
+  latent_hwc = (size, size, cfgs["unet"]["in_channels"])
+  dev = jax.devices()[0]
+  print(f"device: {dev.device_kind} ({jax.default_backend()}), jax {jax.__version__}, "
+        f"UNet params {n_params / 1e6:.1f}M, dtype {args.dtype}", flush=True)
+  rows, first = [], {}
+  for spec in args.attention.split(";"):  # "auto" or "auto:16,64" (batch sizes of its own)
+    impl, _, sizes = spec.partition(":")
+    attention.set_attention_implementation(None if impl == "auto" else impl)
+    for batch in [int(b) for b in (sizes or args.batch_sizes).split(",")]:
+      try:
+        step, compile_s, flops = _jax_scorer(modules["text_encoder"], modules["unet"],
+                                             params["text_encoder"], params["unet"],
+                                             schedule, latent_hwc, batch, 1)
+        t = _time(step, args.repeats)
+      except Exception as e:  # pylint: disable=broad-except  # e.g. out of memory
+        print(f"attention={impl} batch={batch}: failed: {str(e)[:300]}", flush=True)
+        continue
+      rate = batch / t
+      stats = dev.memory_stats() or {}
+      first.setdefault(batch, {})[impl] = step.first
+      row = {"attention": impl, "batch": batch, "compile_s": round(compile_s, 1),
+             "step_ms": round(t * 1e3, 2), "prompts_per_s": round(rate, 1),
+             "mfu_nominal": round(rate * NOMINAL_TFLOP_PER_PROMPT / args.peak_tflops, 3),
+             "executed_tflop_per_prompt": round(flops / batch / 1e12, 3),
+             "mfu_executed": round(rate * flops / batch / 1e12 / args.peak_tflops, 3),
+             "peak_mem_gib": round(stats.get("peak_bytes_in_use", 0) / 2**30, 2)}
+      rows.append(row)
+      print(json.dumps(row), flush=True)
+  for batch, by_impl in first.items():  # the kernels must agree on the scores
+    names = sorted(by_impl)
+    for other in names[1:]:
+      a, b = by_impl[names[0]], by_impl[other]
+      print(f"batch {batch}: DCS {names[0]} vs {other}: max rel diff "
+            f"{np.max(np.abs(a - b) / np.abs(b)):.2e}", flush=True)
+  return rows
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--mode", choices=["cpu", "accelerator"], default="cpu")
+  p.add_argument("--models", default="tiny,medium")
+  p.add_argument("--arch", default="sd15", help="accelerator mode: tiny.tiny_configs style")
+  p.add_argument("--batch_sizes", default="1,8,32")
+  p.add_argument("--dtype", default="bfloat16")
+  p.add_argument("--attention", default="auto",
+                 help="';'-separated kernels (auto, xla, cudnn), each optionally with "
+                      "its own batch sizes: 'auto:64,128;xla:64'")
+  p.add_argument("--repeats", type=int, default=5)
+  p.add_argument("--peak_tflops", type=float, default=989.0,
+                 help="dense bf16 peak of the device (H100/H200 SXM datasheet: 989)")
+  p.add_argument("--out", default=None, help="write rows as JSON here")
+  args = p.parse_args()
+  rows = cpu_mode(args) if args.mode == "cpu" else accelerator_mode(args)
+  meta = {"mode": args.mode, "argv": sys.argv, "machine": platform.platform(),
+          "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+  if args.out:
+    with open(args.out, "w") as f:
+      json.dump({"meta": meta, "rows": rows}, f, indent=1)
+  print(json.dumps(meta))
+
+
+if __name__ == "__main__":
+  main()
