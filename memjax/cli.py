@@ -34,6 +34,43 @@ _ATTENTION = flags.DEFINE_enum(
     "Attention kernel for jax.nn.dot_product_attention (default: JAX chooses).")
 
 
+# Flags shared by the stages (scan, blackbox, generate, ...), defined once here
+# because absl refuses a flag name defined twice in one process.
+_MODEL = flags.DEFINE_string("model", None, "Stable Diffusion folder (diffusers layout).")
+_PROMPTS = flags.DEFINE_string(
+    "prompts", None, "Caption table: .parquet, .jsonl, .csv, .tsv, .txt (or a stage's workdir "
+    "where the stage says so).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (the unit of work; resumable).")
+_COLUMN = flags.DEFINE_string("prompt_column", "caption", "Caption column of the table.")
+_DELIM = flags.DEFINE_string("csv_delimiter", None, "CSV delimiter (default: detected).")
+_BATCH = flags.DEFINE_integer("batch_size", 32, "Prompts per step, over all local devices.")
+_SEEDS = flags.DEFINE_list("seeds", ["0"], "Noise seeds; scores are the mean over seeds.")
+_CFG = flags.DEFINE_float("guidance_scale", 7.5, "Classifier-free guidance scale w.")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Params and activations.")
+_NOISE = flags.DEFINE_string("noise", None, ".npy start noise [n_seeds, C, H, W] or [C, H, W].")
+_MAX = flags.DEFINE_integer("max_prompts", None, "Use only the first N rows.")
+_TOPK = flags.DEFINE_integer("top_k", 100, "Rows kept in WORKDIR/top_k.parquet.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Discard a previous run with other settings.")
+_LOG_EVERY = flags.DEFINE_float("log_interval_s", 30.0, "Seconds between progress lines.")
+
+
+def common_flag_values(required=("model", "prompts", "workdir")) -> dict:
+  """The shared flags as keyword arguments of a stage's config dataclass."""
+  values = {"model": _MODEL.value, "prompts": _PROMPTS.value, "workdir": _WORKDIR.value}
+  for name in required:
+    if not values[name]:
+      raise MemjaxError(f"--{name} is required")
+  try:
+    seeds = [int(s) for s in _SEEDS.value]
+  except ValueError:
+    raise MemjaxError(f"--seeds must be integers, got {','.join(_SEEDS.value)}") from None
+  values.update(prompt_column=_COLUMN.value, csv_delimiter=_DELIM.value,
+                batch_size=_BATCH.value, seeds=seeds, guidance_scale=_CFG.value,
+                dtype=_DTYPE.value, noise=_NOISE.value, max_prompts=_MAX.value,
+                top_k=_TOPK.value, overwrite=_OVERWRITE.value, log_interval_s=_LOG_EVERY.value)
+  return values
+
+
 def distributed_requested(flag_value=None) -> bool:
   if flag_value is not None:
     return bool(flag_value)

@@ -280,37 +280,12 @@ def _finish(cfg, identity, writer, ranges, timings, scorer, n_dev) -> Dict:
 
 # ---- command line -----------------------------------------------------------------
 
-_MODEL = flags.DEFINE_string("model", None, "Stable Diffusion folder (diffusers layout).")
-_PROMPTS = flags.DEFINE_string("prompts", None, "Caption table: .parquet, .jsonl, .csv, .tsv, .txt")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (the unit of work; resumable).")
-_COLUMN = flags.DEFINE_string("prompt_column", "caption", "Caption column of the table.")
-_DELIM = flags.DEFINE_string("csv_delimiter", None, "CSV delimiter (default: detected).")
-_BATCH = flags.DEFINE_integer("batch_size", 32, "Prompts per device step (global, all local devices).")
-_SEEDS = flags.DEFINE_list("seeds", ["0"], "Noise seeds; the score is the mean over seeds.")
-_CFG = flags.DEFINE_float("guidance_scale", 7.5, "Classifier-free guidance scale w.")
-_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Params and activations.")
-_NOISE = flags.DEFINE_string("noise", None, ".npy start noise [n_seeds, C, H, W] or [C, H, W].")
-_MAX = flags.DEFINE_integer("max_prompts", None, "Score only the first N rows.")
-_TOPK = flags.DEFINE_integer("top_k", 100, "Rows kept in WORKDIR/top_k.parquet.")
 _SHARD = flags.DEFINE_integer("shard_size", 4096, "Rows per output shard.")
-_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Discard a previous run with other settings.")
-_LOG_EVERY = flags.DEFINE_float("log_interval_s", 30.0, "Seconds between progress lines.")
 
 
 def _config_from_flags() -> ScanConfig:
-  for name, f in (("model", _MODEL), ("prompts", _PROMPTS), ("workdir", _WORKDIR)):
-    if not f.value:
-      raise InputError(f"--{name} is required")
-  try:
-    seeds = [int(s) for s in _SEEDS.value]
-  except ValueError:
-    raise InputError(f"--seeds must be integers, got {_SEEDS.value}") from None
-  return ScanConfig(model=_MODEL.value, prompts=_PROMPTS.value, workdir=_WORKDIR.value,
-                    prompt_column=_COLUMN.value, csv_delimiter=_DELIM.value,
-                    batch_size=_BATCH.value, seeds=seeds, guidance_scale=_CFG.value,
-                    dtype=_DTYPE.value, noise=_NOISE.value, max_prompts=_MAX.value,
-                    top_k=_TOPK.value, shard_size=_SHARD.value, overwrite=_OVERWRITE.value,
-                    log_interval_s=_LOG_EVERY.value)
+  f = cli.common_flag_values(required=("model", "prompts", "workdir"))
+  return ScanConfig(shard_size=_SHARD.value, **f)
 
 
 def main(argv):
