@@ -11,6 +11,7 @@ Styles:
   attention_head_dim = number of heads (SD1's meaning).
 - "sd2": v-prediction, linear projections, upcast attention, gelu text encoder,
   a wider (1024-style, scaled down) context, head counts per block.
+- "micro": the smallest valid model (8 x 8 latents; I/O and memory benchmarks).
 - "medium": SD1-like, about 17M UNet params at 32 x 32 latents (benchmarks).
 - "sd15": the full SD1.5 architecture (859M UNet params; slow tests, benchmarks).
 """
@@ -80,6 +81,9 @@ def tiny_configs(style: str = "sd1", vocab_size: int = 49408) -> Dict[str, dict]
     unet = _unet((32, 64, 64), [2, 4, 4], 64, 16, 8, linear=True, upcast=True)
     vae, text = _vae((32, 64), 8, 32), _text(vocab_size, 64, 3, 4, "gelu")
     scheduler.update({"_class_name": "DDIMScheduler", "prediction_type": "v_prediction"})
+  elif style == "micro":  # the smallest valid model: I/O and memory benchmarks
+    unet = _unet((32,), 4, 32, 8, 8, attn_blocks=[True])
+    vae, text = _vae((32,), 8, 8), _text(vocab_size, 32, 1, 2, "quick_gelu")
   elif style == "medium":
     unet = _unet((64, 128, 256), 8, 256, 32, 32, layers=2)
     vae, text = _vae((32, 64, 64, 64), 16, 256), _text(vocab_size, 256, 4, 4, "quick_gelu")
@@ -89,7 +93,7 @@ def tiny_configs(style: str = "sd1", vocab_size: int = 49408) -> Dict[str, dict]
     vae, text = _vae((128, 256, 512, 512), 32, 512), _text(vocab_size, 768, 12, 12, "quick_gelu")
     vae["layers_per_block"] = 2
   else:
-    raise ValueError(f"unknown style {style!r} (sd1, sd2, medium, sd15)")
+    raise ValueError(f"unknown style {style!r} (sd1, sd2, micro, medium, sd15)")
   return {"unet": unet, "vae": vae, "text_encoder": text, "scheduler": scheduler}
 
 
