@@ -87,6 +87,15 @@ def test_skipped_and_truncated_rows_are_counted(tiny_sd1, tmp_path):
   assert set(m["skipped"]) == {"empty", "null", "not_text", "malformed_row"}
 
 
+def test_non_utf8_bytes_are_replaced_and_counted(tiny_sd1, tmp_path):
+  path = tmp_path / "p.txt"
+  path.write_bytes(b"a plain caption\ncaf\xe9 au lait \xff\xfe\n")
+  m, t = _run(tiny_sd1, str(path), tmp_path / "w")
+  assert t["status"].to_pylist() == ["ok", "ok_replaced_utf8"]
+  assert m["counts"]["ok_replaced_utf8"] == 1 and m["scored"] == 2
+  assert "\ufffd" in t["caption"].to_pylist()[1]
+
+
 def test_rerun_with_other_flags_is_refused(tiny_sd1, tmp_path):
   p = _prompts(tmp_path)
   _run(tiny_sd1, p, tmp_path / "w")
@@ -102,9 +111,9 @@ def test_shared_prompt_lists_scan(tiny_sd1, tmp_path):
     pytest.skip("../shared/data not present")
   for i, name in enumerate(("sdv1_500_memorized.jsonl", "sd2_memorized.jsonl",
                             "sd1_nonmemorized.txt")):
-    m, t = _run(tiny_sd1, os.path.join(SHARED_DATA, name), tmp_path / str(i), batch_size=64,
-                max_prompts=128)
-    assert t.num_rows == 128 and m["scored"] + sum(m["skipped"].values()) == 128
+    m, t = _run(tiny_sd1, os.path.join(SHARED_DATA, name), tmp_path / str(i), batch_size=64)
+    assert t.num_rows == m["rows"] and m["scored"] + sum(m["skipped"].values()) == m["rows"]
+    assert m["rows"] in (500, 219)
     assert np.isfinite(np.array(t["scores"].drop_null())).all()
 
 
