@@ -1,0 +1,154 @@
+"""memjax.masks against an independent numpy restatement of ALGORITHMS.md section 4.
+
+The rule, restated here without scipy: pairs (i < j) of present images with
+100 < SSE < 1000; agree = sum_c |q - c| < 0.03; erode with a 3 x 3 square
+(a pixel stays 1 when all 9 neighbours are 1, outside the image counts as 0);
+dilate with a 6 x 6 square (a pixel becomes 1 when any pixel at offsets -2..3
+in both axes is 1: scipy centres an even square at index 3); template = q.
+"""
+import os
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from memjax import masks
+from memjax.errors import InputError
+
+N = 256
+
+
+def _shifted(a, dy, dx):
+  """out[y, x] = a[y + dy, x + dx], 0 outside."""
+  h, w = a.shape
+  out = np.zeros_like(a)
+  ys, yd = slice(max(dy, 0), h + min(dy, 0)), slice(max(-dy, 0), h + min(-dy, 0))
+  xs, xd = slice(max(dx, 0), w + min(dx, 0)), slice(max(-dx, 0), w + min(-dx, 0))
+  out[yd, xd] = a[ys, xs]
+  return out
+
+
+def _rule_mask(q, c):
+  agree = np.abs(q.astype(np.float64) - c).sum(-1) < 0.03
+  eroded = np.ones_like(agree)
+  for dy in (-1, 0, 1):
+    for dx in (-1, 0, 1):
+      eroded &= _shifted(agree, dy, dx)
+  dilated = np.zeros_like(agree)
+  for dy in range(-2, 4):
+    for dx in range(-2, 4):
+      dilated |= _shifted(eroded, dy, dx)
+  return dilated
+
+
+def _rule_templates(images):
+  out = []
+  for i in range(len(images)):
+    for j in range(i + 1, len(images)):
+      if images[i] is None or images[j] is None:
+        continue
+      e = np.sum((images[i].astype(np.float64) - images[j]) ** 2)
+      if 100 < e < 1000:
+        m = _rule_mask(images[i], images[j])
+        if m.any():
+          out.append((i, j, e, m))
+  return out
+
+
+def _image(rng):
+  return rng.integers(0, 256, (N, N, 3)).astype(np.float32) / 255
+
+
+def _group():
+  rng = np.random.default_rng(0)
+  q = _image(rng)
+  # a template with a changed region, plus JPEG-like noise that leaves small holes
+  c = np.clip(q + rng.uniform(-0.012, 0.012, q.shape), 0, 1).astype(np.float32)
+  c[100:120, 30:60] = rng.random((20, 30, 3))
+  big = q.copy()
+  big[:60, :60] = rng.random((60, 60, 3))  # too large a change: SSE > 1000
+  flat = np.clip(q + 0.03, 0, 1).astype(np.float32)  # every pixel disagrees: empty mask
+  return {"q": q, "copy": q.copy(), "c": c, "shifted": np.roll(q, 3, axis=1),
+          "unrelated": _image(rng), "missing": None, "big": big, "flat": flat}
+
+
+def test_sse_and_pairs_follow_the_rule():
+  g = _group()
+  names = list(g)
+  images = list(g.values())
+  sse = lambda a, b: masks.sse(g[a], g[b])
+  assert sse("q", "copy") == 0
+  assert 100 < sse("q", "c") < 1000
+  assert 100 < sse("q", "flat") < 1000
+  assert sse("q", "big") > 1000 and sse("q", "shifted") > 1000 and sse("q", "unrelated") > 1000
+  got = masks.find_template_pairs(images)
+  want = [(i, j) for i in range(len(images)) for j in range(i + 1, len(images))
+          if images[i] is not None and images[j] is not None
+          and 100 < np.sum((images[i].astype(np.float64) - images[j]) ** 2) < 1000]
+  assert [(i, j) for i, j, _ in got] == want
+  assert {(names[i], names[j]) for i, j in want} >= {("q", "c"), ("copy", "c"), ("q", "flat")}
+
+
+def test_templates_equal_independent_rule():
+  images = list(_group().values())
+  ids = [f"train_{i}" for i in range(len(images))]
+  got = masks.templates_for_group(images, ids, group=7)
+  want = _rule_templates(images)
+  assert len(got) == len(want) > 0
+  for t, (i, j, e, m) in zip(got, want):
+    assert (t.template_id, t.partner_id, t.group) == (ids[i], ids[j], 7)
+    np.testing.assert_array_equal(t.mask, m)
+    np.testing.assert_array_equal(t.image, images[i])
+    assert t.sse == pytest.approx(e, rel=1e-12)
+  # the changed region is not fixed; most of the rest is, the noise holes closed
+  q_c = got[0]
+  assert not q_c.mask[103:117, 33:57].any()  # the dilation eats 2-3 px into it
+  agree = np.abs(images[0].astype(np.float64) - images[2]).sum(-1) < 0.03
+  outside = np.ones((N, N), bool)
+  outside[96:124, 26:64] = False
+  assert (~agree & outside).sum() > 100  # noise holes exist before the morphology
+  inner = outside.copy()
+  inner[[0, 1, 2, -3, -2, -1]] = inner[:, [0, 1, 2, -3, -2, -1]] = False
+  assert q_c.mask[inner].all()  # and closed after it, away from the image border
+  # the pair whose every pixel disagrees is in the SSE window but its mask is
+  # empty, so it gives no template (its TV error would be 0 / 0)
+  flat = list(_group()).index("flat")
+  assert (0, flat) in {(i, j) for i, j, _ in masks.find_template_pairs(images)}
+  assert (ids[0], ids[flat]) not in {(t.template_id, t.partner_id) for t in got}
+
+
+def test_template_mask_edges_and_shapes():
+  rng = np.random.default_rng(1)
+  q = _image(rng)
+  c = q.copy()
+  c[10, 10] = 1 - c[10, 10]  # one disagreeing pixel
+  c[200:203, 0:3] += 0.5
+  m = masks.template_mask(q, c)
+  np.testing.assert_array_equal(m, _rule_mask(q, c))
+  assert m[10, 10] and m[128, 128]  # one hole is closed by the dilation
+  # border: the erosion clears row 0 (outside = 0), the dilation restores it
+  assert m[0, 0] and m[0, 255] and m[255, 0]
+  with pytest.raises(ValueError):
+    masks.template_mask(q, c[:100])
+
+
+def test_save_and_load_templates(tmp_path):
+  images = list(_group().values())
+  templates = masks.templates_for_group(images, [f"id{i}" for i in range(len(images))], group=3)
+  path = masks.save_templates(str(tmp_path / "tpl"), templates)
+  table = pq.read_table(path).to_pylist()
+  assert len(table) == len(templates)
+  for row, t in zip(table, templates):
+    # the mask lies beside its template
+    assert os.path.dirname(row["mask_path"]) == os.path.dirname(row["image_path"])
+    assert os.path.exists(tmp_path / "tpl" / row["image_path"])
+    assert os.path.exists(tmp_path / "tpl" / row["mask_path"])
+    assert row["template_id"] == t.template_id and row["group"] == "3"
+    assert row["mask_fraction"] == t.mask_fraction
+  back = masks.load_templates(path, group=3)
+  assert len(back) == len(templates) and masks.load_templates(path, group=4) == []
+  for a, b in zip(back, templates):
+    np.testing.assert_array_equal(a.mask, b.mask)
+    np.testing.assert_array_equal(a.image, b.image)  # uint8 / 255 survives PNG exactly
+  with pytest.raises(InputError, match="nope.parquet"):
+    masks.load_templates(str(tmp_path / "nope.parquet"))

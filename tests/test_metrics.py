@@ -1,0 +1,259 @@
+"""memjax.metrics: ROC / AUC / TPR@1%FPR / precision@K against hand-computed
+cases and an independent brute-force ROC, and the CLI's joins and bad input.
+
+scikit-learn is not installed here; its `roc_curve` (drop_intermediate=False)
+is restated in `_brute_roc` from its definition: one point per distinct score
+t, descending, fpr = #{neg >= t} / N, tpr = #{pos >= t} / P, after (0, 0).
+"""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from scipy.stats import mannwhitneyu
+
+from memjax import metrics
+from memjax import results
+from memjax.errors import InputError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _brute_roc(y, s):
+  y, s = np.asarray(y, bool), np.asarray(s, np.float64)
+  fpr, tpr = [0.0], [0.0]
+  for t in sorted(set(s.tolist()), reverse=True):
+    fpr.append(np.sum(s[~y] >= t) / np.sum(~y))
+    tpr.append(np.sum(s[y] >= t) / np.sum(y))
+  return np.array(fpr), np.array(tpr)
+
+
+@pytest.mark.parametrize("y,s,fpr,tpr,auc,tpr1,acc", [
+    # perfect separation
+    ([1, 1, 0, 0], [4, 3, 2, 1], [0, 0, 0, .5, 1], [0, .5, 1, 1, 1], 1.0, 1.0, 1.0),
+    # reversed
+    ([1, 1, 0, 0], [1, 2, 3, 4], [0, .5, 1, 1, 1], [0, 0, 0, .5, 1], 0.0, 0.0, 0.5),
+    # all scores equal: one threshold, the diagonal
+    ([1, 0, 1, 0, 0], [5, 5, 5, 5, 5], [0, 1], [0, 1], 0.5, 0.0, 0.5),
+    # ties that mix classes: AUC 5/9 (pairs: 3 wins, 2 ties, 4 losses... counted by hand)
+    ([1, 0, 1, 0, 1, 0], [3, 3, 2, 2, 1, 0], [0, 1 / 3, 2 / 3, 2 / 3, 1],
+     [0, 1 / 3, 2 / 3, 1, 1], 5 / 9, 0.0, 2 / 3),
+])
+def test_hand_computed_roc(y, s, fpr, tpr, auc, tpr1, acc):
+  curve = metrics.roc_curve(y, s)
+  np.testing.assert_array_equal(curve.fpr, fpr)
+  np.testing.assert_array_equal(curve.tpr, tpr)
+  assert curve.thresholds[0] == np.inf
+  np.testing.assert_array_equal(curve.thresholds[1:], sorted(set(s), reverse=True))
+  assert metrics.roc_auc(curve) == auc
+  assert metrics.tpr_at_fpr(curve) == tpr1
+  assert metrics.best_accuracy(curve) == pytest.approx(acc, abs=1e-15)
+  assert metrics.best_accuracy(curve) == max(1 - (f + 1 - t) / 2 for f, t in zip(fpr, tpr))
+
+
+def test_tpr_at_1pct_fpr_takes_last_point_strictly_below():
+  # 200 negatives, 10 positives: 3 positives, 1 negative (fpr 0.005), 2 positives,
+  # 1 negative (fpr 0.01, NOT < 0.01), the rest below.
+  s = [100, 99, 98, 97, 96, 95, 94] + [1] * 5 + [0] * 198
+  y = [1, 1, 1, 0, 1, 1, 0] + [1] * 5 + [0] * 198
+  curve = metrics.roc_curve(y, s)
+  assert metrics.tpr_at_fpr(curve, 0.01) == 0.5
+  assert metrics.tpr_at_fpr(curve, 0.0100001) == 1.0  # now (0.01, 1.0) counts
+  assert metrics.tpr_at_fpr(curve, 0.02) == 1.0
+
+
+def test_drop_intermediate_follows_sklearn_rule():
+  # each tied score holds one positive and one negative: a straight diagonal run
+  y, s = [1, 0, 1, 0, 1, 0], [4, 4, 3, 3, 2, 2]
+  full = metrics.roc_curve(y, s)
+  dropped = metrics.roc_curve(y, s, drop_intermediate=True)
+  np.testing.assert_array_equal(full.fpr, [0, 1 / 3, 2 / 3, 1])
+  np.testing.assert_array_equal(dropped.fpr, [0, 1 / 3, 1])
+  np.testing.assert_array_equal(dropped.thresholds, [np.inf, 4, 2])
+  assert metrics.roc_auc(full) == metrics.roc_auc(dropped) == 0.5
+
+
+def test_random_arrays_equal_brute_force_and_mann_whitney():
+  rng = np.random.default_rng(0)
+  for trial in range(100):
+    n = int(rng.integers(2, 80))
+    y = rng.random(n) < rng.uniform(0.05, 0.95)
+    y[0], y[1] = True, False
+    s = (rng.integers(0, 8, n) if trial % 2 else rng.standard_normal(n)).astype(np.float64)
+    curve = metrics.roc_curve(y, s)
+    fpr, tpr = _brute_roc(y, s)
+    np.testing.assert_array_equal(curve.fpr, fpr)
+    np.testing.assert_array_equal(curve.tpr, tpr)
+    u = mannwhitneyu(s[y], s[~y]).statistic
+    assert metrics.roc_auc(curve) == u / (y.sum() * (~y).sum())
+    assert metrics.tpr_at_fpr(curve) == tpr[np.where(fpr < 0.01)[0][-1]]
+    assert metrics.best_accuracy(curve) == np.max(1 - (fpr + 1 - tpr) / 2)
+
+
+def test_precision_at_k_ties_by_id():
+  pos = [0, 1, 1, 0, 1, 0]
+  s = [5, 5, 4, 3, 3, 1]
+  ids = [1, 0, 2, 3, 4, 5]  # the tie at 5: id 0 (a positive) first
+  p = metrics.precision_at_k(pos, s, [1, 2, 4, 5, 6, 7], ids)
+  assert p == {1: 1.0, 2: 0.5, 4: 0.5, 5: 0.6, 6: 0.5, 7: None}
+  p = metrics.precision_at_k(pos, s, [1], [0, 1, 2, 3, 4, 5])
+  assert p == {1: 0.0}
+
+
+def test_per_type_negatives_exclude_other_positive_types():
+  labels = ["MV", "N", "TV", "N", "RV", "N", "MV"]
+  s = [7, 6, 5, 4, 3, 2, np.nan]  # the NaN-score row is dropped
+  out = metrics.detection_metrics(labels, s, ["MV", "RV", "TV"], [1, 3])
+  assert out["pooled"]["n_pos"] == 3 and out["pooled"]["n_neg"] == 3
+  assert out["pooled"]["precision_at_k"] == {1: 1.0, 3: 2 / 3}
+  # MV: 7 vs negatives 6, 4, 2
+  assert out["MV"]["auc"] == 1.0 and out["MV"]["n_pos"] == 1
+  # TV: 5 vs 6, 4, 2 -> 2/3; p@1 counts only TV, the MV row still ranks first
+  assert out["TV"]["auc"] == 2 / 3 and out["TV"]["precision_at_k"] == {1: 0.0, 3: 1 / 3}
+  assert out["RV"]["auc"] == 1 / 3
+  assert out["RV"]["tpr_at_1pct_fpr"] == 0.0 and out["MV"]["tpr_at_1pct_fpr"] == 1.0
+
+
+def _workdir(tmp_path, n=40, seed=0):
+  """A scan-like workdir (scan/ and blackbox/ shards) and a labels table."""
+  rng = np.random.default_rng(seed)
+  ids = np.arange(n)
+  labels = rng.choice(["MV", "RV", "TV", "N", "N", "N"], n)
+  dcs = rng.standard_normal(n) + (labels != "N")
+  wen = rng.integers(0, 5, n).astype(np.float64)  # ties
+  wen[7] = np.nan
+  edge = rng.random(n)
+  work = str(tmp_path / "w")
+  captions = [f"caption {i}" for i in ids]
+  scan = results.ShardedResults(work, "scan")
+  for a, b in [(0, n // 2), (n // 2, n)]:
+    scan.write(pa.table({"caption": captions[a:b], "prompt_id": ids[a:b], "scores": dcs[a:b],
+                         "wen": wen[a:b]}), a, b)
+  # blackbox fed by the scan: its own prompt_id renumbers, scan_prompt_id keeps the scan's
+  perm = rng.permutation(n)
+  results.ShardedResults(work, "blackbox").write(
+      pa.table({"prompt_id": ids, "scan_prompt_id": perm, "edge_scores": edge[perm]}), 0, n)
+  return work, ids, labels, {"scores": dcs, "wen": wen, "edge_scores": edge}, captions
+
+
+def test_cli_run_joins_on_prompt_id_and_equals_direct_computation(tmp_path):
+  work, ids, labels, cols, _ = _workdir(tmp_path)
+  keep = ids[5:]  # labels for a subset, in another order, with an empty label
+  table = {"prompt_id": keep[::-1], "overfit_type": labels[keep][::-1].tolist()}
+  table["overfit_type"][0] = ""
+  pq.write_table(pa.table(table), tmp_path / "labels.parquet")
+  out = str(tmp_path / "m" / "metrics.json")
+  cfg = metrics.MetricsConfig(scores=[work], labels=str(tmp_path / "labels.parquet"),
+                              k_list=[5, 10, 100], out=out)
+  report = metrics.run(cfg)
+  assert report == json.load(open(out))
+  assert report["join_key"] == "prompt_id" and report["label_rows_without_label"] == 1
+  used = keep[keep != ids[-1]]  # the empty label was the last id
+  for column in ("scores", "wen", "edge_scores"):
+    s, y = cols[column][used], labels[used]
+    ok = ~np.isnan(s)
+    for group in ("pooled", "MV", "RV", "TV"):
+      got = report["results"][group][column]
+      pos = (y != "N") if group == "pooled" else (y == group)
+      neg = y == "N"
+      assert got["n_pos"] == int((pos & ok).sum()) and got["n_neg"] == int((neg & ok).sum())
+      a, b = s[pos & ok], s[neg & ok]
+      assert got["auc"] == mannwhitneyu(a, b).statistic / (a.size * b.size)
+      order = np.lexsort((used[ok], -s[ok]))
+      top = pos[ok][order]
+      assert got["precision_at_k"] == {"5": top[:5].sum() / 5, "10": top[:10].sum() / 10,
+                                       "100": None}
+  assert report["columns"]["edge_scores"]["source"].endswith("blackbox")
+  assert report["columns"]["wen"]["dropped_nan_score"] == 1
+
+
+def test_cli_run_joins_on_caption_when_labels_have_no_ids(tmp_path):
+  work, ids, labels, cols, captions = _workdir(tmp_path)
+  rows = ["caption,overfit_type"] + [f'"{captions[i]}",{labels[i]}' for i in ids]
+  rows.append(f'"{captions[0]}",TV')  # a caption labelled twice: TV wins
+  (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+  report = metrics.run(metrics.MetricsConfig(scores=[work], labels=str(tmp_path / "labels.csv"),
+                                             score_columns=["scores"], k_list=[10]))
+  assert report["join_key"] == "caption"
+  y = labels.copy()
+  y[0] = "TV"
+  assert report["label_caption_conflicts"] == int(labels[0] != "TV")
+  got = report["results"]["TV"]["scores"]
+  a, b = cols["scores"][y == "TV"], cols["scores"][y == "N"]
+  assert got["auc"] == mannwhitneyu(a, b).statistic / (a.size * b.size)
+
+
+@pytest.mark.parametrize("case,expect", [
+    ("no_workdir", "does not exist"),
+    ("no_column", "no score column 'dcs_missing'"),
+    ("no_label_column", "no label column 'kind'"),
+    ("no_overlap", "nothing to evaluate"),
+    ("no_positives", "needs positives"),
+    ("no_negatives", "needs positives"),
+    ("bad_type", "unknown table type"),
+    ("other_ids", "name other captions"),
+    ("bad_k", "k_list must be positive"),
+])
+def test_bad_input_raises_input_error(case, expect, tmp_path):
+  work, ids, labels, _, _ = _workdir(tmp_path, n=10)
+  y = {"no_positives": ["N"] * 10, "no_negatives": ["MV"] * 10}.get(case, labels.tolist())
+  pid = ids + 1000 if case == "no_overlap" else ids
+  path = str(tmp_path / ("labels.xlsx" if case == "bad_type" else "labels.parquet"))
+  columns = {"prompt_id": pid, "overfit_type": y}
+  if case == "other_ids":  # ids of another prompt table: captions disagree
+    columns["caption"] = [f"caption {(i + 1) % 10}" for i in ids]
+  pq.write_table(pa.table(columns), path)
+  cfg = metrics.MetricsConfig(scores=[work if case != "no_workdir" else work + "_nope"],
+                              labels=path)
+  if case == "no_column":
+    cfg.score_columns = ["scores", "dcs_missing"]
+  if case == "bad_k":
+    cfg.k_list = ["10", "x"]
+  if case == "no_label_column":
+    cfg.label_column = "kind"
+  with pytest.raises(InputError, match=expect):
+    metrics.run(cfg)
+
+
+def test_labels_from_a_verify_workdir_and_scores_from_a_table(tmp_path):
+  work, ids, labels, cols, captions = _workdir(tmp_path)
+  os.makedirs(tmp_path / "v")  # verify's layout: WORKDIR/verify.parquet (+ other tables)
+  pq.write_table(pa.table({"prompt_id": ids, "caption": captions, "overfit_type": labels}),
+                 tmp_path / "v" / "verify.parquet")
+  pq.write_table(pa.table({"prompt_id": ids, "overfit_type": ["N"] * len(ids)}),
+                 tmp_path / "v" / "other.parquet")
+  scores = str(tmp_path / "scores.csv")
+  rows = ["prompt_id,caption,scores"] + [f'{i},"{captions[i]}",{float(cols["scores"][i])!r}'
+                                         for i in ids]
+  open(scores, "w").write("\n".join(rows) + "\n")
+  report = metrics.run(metrics.MetricsConfig(scores=scores, labels=str(tmp_path / "v")))
+  assert list(report["columns"]) == ["scores"] and report["join_key"] == "prompt_id"
+  direct = metrics.detection_metrics(labels, cols["scores"], ["MV", "RV", "TV"], [10, 100, 500])
+  for group in direct:
+    got = report["results"][group]["scores"]
+    assert got["auc"] == direct[group]["auc"]
+    assert got["precision_at_k"] == {str(k): v for k, v in direct[group]["precision_at_k"].items()}
+
+
+def _cli(args):
+  return subprocess.run([sys.executable, "-m", "memjax.metrics"] + args, capture_output=True,
+                        text=True, cwd=REPO, timeout=300)
+
+
+def test_cli_prints_table_and_bad_input_is_one_line(tmp_path):
+  work, ids, labels, _, _ = _workdir(tmp_path)
+  path = str(tmp_path / "labels.parquet")
+  pq.write_table(pa.table({"prompt_id": ids, "overfit_type": labels}), path)
+  r = _cli([f"--scores={work}", f"--labels={path}", "--k_list=5,10",
+            f"--out={tmp_path / 'o.json'}"])
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "pooled" in r.stdout and "edge_scores" in r.stdout and "p@10" in r.stdout
+  assert json.load(open(tmp_path / "o.json"))["results"]["MV"]["scores"]["n_pos"] > 0
+  r = _cli([f"--scores={work}", f"--labels={path}", "--score_columns=nope"])
+  assert r.returncode == 2 and "Traceback" not in r.stderr
+  errors = [l for l in r.stderr.splitlines() if l.startswith("error:")]
+  assert len(errors) == 1 and "no score column 'nope'" in errors[0], r.stderr
