@@ -21,6 +21,8 @@ class TorchWhitebox:
     if threads:
       torch.set_num_threads(threads)
     self.torch = torch
+    self.model_dir = model_dir
+    self.vae = None  # loaded by `onestep_images` only
     self.dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     self.unet = UNet2DConditionModel.from_pretrained(f"{model_dir}/unet").to(self.dtype).eval()
     self.text = CLIPTextModel.from_pretrained(f"{model_dir}/text_encoder").to(self.dtype).eval()
@@ -75,3 +77,35 @@ class TorchWhitebox:
       dcs.append((self.sigma ** 2 * e_cfg.double().pow(2).mean(dim=(1, 2, 3))).numpy())
       wen.append((e_c - e_u).double().flatten(1).norm(dim=1).numpy())
     return {"dcs": np.stack(dcs, 1), "wen": np.stack(wen, 1)}
+
+  def onestep_images(self, prompts: Sequence[str], noise_nchw: np.ndarray,
+                     guidance_scale: float = 7.5) -> np.ndarray:
+    """The blackbox attack's one-step CFG images, decoded by diffusers' VAE.
+
+    k-diffusion's denoiser at x_T = sigma_max z (the one Heun/Euler step to
+    sigma = 0 lands on it), then diffusers' `decode_latents`:
+    clip(vae.decode(x0 / scaling_factor) / 2 + 0.5, 0, 1).
+
+    Args:
+      noise_nchw: [S, C, H, W] start noise z.
+    Returns:
+      [B, S, H_img, W_img, 3] float32 in [0, 1].
+    """
+    torch = self.torch
+    if self.vae is None:
+      from diffusers import AutoencoderKL  # pylint: disable=g-import-not-at-top
+      self.vae = AutoencoderKL.from_pretrained(f"{self.model_dir}/vae").to(self.dtype).eval()
+    cond = self.embed(prompts)
+    ctx = torch.cat([self.embed([""]).expand(len(prompts), -1, -1), cond])
+    c_in = 1.0 / (self.sigma ** 2 + 1) ** 0.5
+    out = []
+    for z in noise_nchw:
+      x_t = self.sigma * torch.from_numpy(np.array(z, np.float32))[None]
+      x_t = x_t.expand(2 * len(prompts), -1, -1, -1)
+      e_u, e_c = self.eps(c_in * x_t, ctx).chunk(2)
+      e_cfg = e_u + guidance_scale * (e_c - e_u)
+      denoised = x_t[:len(prompts)] - self.sigma * e_cfg  # CompVis(V)Denoiser output
+      with torch.no_grad():
+        x = self.vae.decode((denoised / self.vae.config.scaling_factor).to(self.dtype)).sample
+      out.append((x.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy())
+    return np.stack(out, axis=1)

@@ -1,0 +1,274 @@
+"""memjax.blackbox / onestep / images: PyTorch parity, one compile, resume, bad images."""
+import json
+import os
+import struct
+import subprocess
+import sys
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from memjax import blackbox
+from memjax import edges
+from memjax import images as images_lib
+from memjax import onestep
+from memjax import results
+from memjax import whitebox
+from memjax.errors import InputError
+from memjax.models import loading
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _read(workdir):
+  return ds.dataset(os.path.join(workdir, "blackbox")).to_table().sort_by("prompt_id").to_pylist()
+
+
+# ---- one-step images against PyTorch diffusers ------------------------------------
+
+@pytest.mark.parametrize("style", ["sd1", "sd2"])
+def test_onestep_images_equal_pytorch_diffusers(style, tiny_sd1, tiny_sd2):
+  from memjax.torch_reference import TorchWhitebox  # pylint: disable=g-import-not-at-top
+  model = {"sd1": tiny_sd1, "sd2": tiny_sd2}[style]
+  sd = loading.load_stable_diffusion(model)
+  z = np.random.default_rng(3).standard_normal((2, 4, 16, 16)).astype(np.float32)
+  noise = jnp.asarray(z.transpose(0, 2, 3, 1))
+  captions = ["a red cat", "a blue car on a beach", "house"]
+  ids = sd.tokenizer.encode_batch(captions)["input_ids"]
+  p = sd.params
+  e_u = jax.jit(whitebox.make_uncond_fn(sd.text_encoder.apply, sd.unet.apply, sd.schedule, 999))(
+      p["text_encoder"], p["unet"], sd.tokenizer.encode_batch([""])["input_ids"], noise)
+  sample = jax.jit(onestep.make_onestep_fn(sd.text_encoder.apply, sd.unet.apply,
+                                           onestep.vae_decode_fn(sd), sd.schedule, 7.5,
+                                           sd.vae_scaling_factor))
+  got = np.asarray(sample(p["text_encoder"], p["unet"], p["vae"], ids, noise, e_u))
+  ref = TorchWhitebox(model).onestep_images(captions, z, 7.5)
+  diff = np.abs(got - ref).max()
+  print(style, "max abs pixel diff", diff)
+  assert got.shape == ref.shape == (3, 2, 32, 32, 3)
+  assert diff <= 1 / 255
+  assert 0.05 < got.std() and (got > 0).mean() > 0.5 and (got < 1).mean() > 0.5  # not saturated
+  np.testing.assert_array_equal(np.asarray(onestep.to_uint8_jax(jnp.asarray(got))),
+                                onestep.to_uint8(got))
+
+
+# ---- the generated-image run -------------------------------------------------------
+
+def _fake_scan_workdir(path, captions, scores):
+  """A finished scan workdir (shards, run config, manifest) without running a scan."""
+  table = pa.table({"caption": captions, "prompt_id": np.arange(len(captions), dtype=np.int64),
+                    "scores": pa.array(scores, pa.float32()), "status": ["ok"] * len(captions)})
+  results.check_run_config(str(path), {"prompt_column": "caption"}, overwrite=False)
+  results.ShardedResults(str(path), "scan").write(table, 0, len(captions))
+  results.write_json_atomic(os.path.join(path, "manifest.json"), {"stage": "scan"})
+  return str(path)
+
+
+def test_run_on_scan_top_k_compiles_once_saves_pngs_and_resumes(tiny_sd1, tmp_path):
+  captions = ["a cat", "low", "a dog", "", "a car", "a tree", "lower", "a house"]
+  scores = [5.0, 0.1, 4.0, 9.0, 3.0, 2.0, 0.0, 1.0]
+  scan_dir = _fake_scan_workdir(tmp_path / "scan", captions, scores)
+  cfg = blackbox.BlackboxConfig(workdir=str(tmp_path / "w"), model=tiny_sd1, prompts=scan_dir,
+                                top_k=6, seeds=(0, 1, 2), batch_size=2, shard_size=3,
+                                save_images=True, devices=2)
+  manifest = blackbox.run(cfg)
+  rows = _read(cfg.workdir)
+  # Top 6 by scan score; the empty caption (9.0) is kept with its status, unscored.
+  assert [r["caption"] for r in rows] == ["", "a cat", "a dog", "a car", "a tree", "a house"]
+  assert [r["scan_prompt_id"] for r in rows] == [3, 0, 2, 4, 5, 7]
+  assert [r["status"] for r in rows] == ["empty"] + ["ok"] * 5
+  assert rows[0]["edge_scores"] is None and rows[0]["image_paths"] is None
+  assert manifest["compiles"] == 1  # 2 shards, padded last batches: one trace
+  assert manifest["scored"] == 5 and manifest["images_written"] == 15
+  # The PNGs are the scored images: the score recomputed from them is the same.
+  for r in rows[1:]:
+    assert r["gen_seeds"] == [0, 1, 2]
+    pix = [np.asarray(Image.open(os.path.join(cfg.workdir, p))) for p in r["image_paths"]]
+    assert pix[0].shape == (32, 32, 3) and pix[0].dtype == np.uint8
+    assert r["image_paths"][1] == os.path.join("images", str(r["prompt_id"]), "1.png")
+    expected = edges.edge_score_numpy([edges.resize_for_edges(p) for p in pix])
+    assert abs(r["edge_scores"] - expected) <= 1e-7
+  table = pq.read_table(os.path.join(cfg.workdir, "images.parquet")).to_pylist()
+  assert len(table) == 15 and table[0] == {"prompt_id": 1, "caption": "a cat", "seed": 0,
+                                           "path": os.path.join("images", "1", "0.png")}
+  top = pq.read_table(os.path.join(cfg.workdir, "top_k_blackbox.parquet"))
+  assert top.num_rows == 5
+  # Resume: nothing left to do, nothing compiled; other settings are refused.
+  again = blackbox.run(cfg)
+  assert again["compiles"] == 0 and again["timings"]["rows_this_run"] == 0
+  assert _read(cfg.workdir) == rows
+  with pytest.raises(InputError, match="guidance_scale"):
+    blackbox.run(blackbox.BlackboxConfig(**dict(vars(cfg), guidance_scale=3.0)))
+
+
+def test_prompt_sources_and_config_errors(tiny_sd1, tmp_path):
+  path = str(tmp_path / "p.jsonl")
+  with open(path, "w") as f:
+    f.write('{"text": "a cat", "status": 1}\n{"text": null}\n{"text": "dog"}\n')
+  src = blackbox._open_prompt_source(path, "text", None, 100, 2)  # pylint: disable=protected-access
+  chunk = src.read(0, src.num_rows)
+  assert src.num_rows == 2 and chunk.texts == ["a cat", None]
+  out = [(0.5, "ok", None)]
+  prep = {"valid": np.array([True, False])}
+  table = blackbox._generated_table(chunk, "text", prep, out, [0, 1], False)  # pylint: disable=protected-access
+  row = table.to_pylist()
+  assert row[0]["caption"] == "a cat" and row[0]["input_status"] == 1
+  assert row[0]["status"] == "ok" and row[1]["status"] == "null" and row[1]["edge_scores"] is None
+  unfinished = tmp_path / "scan"
+  os.makedirs(unfinished / "scan")
+  with pytest.raises(InputError, match="not finished"):
+    blackbox._open_prompt_source(str(unfinished), "caption", None, 5, None)  # pylint: disable=protected-access
+  w = str(tmp_path / "w")
+  with pytest.raises(InputError, match="either --images"):
+    blackbox.run(blackbox.BlackboxConfig(workdir=w, model=tiny_sd1, images=str(tmp_path)))
+  with pytest.raises(InputError, match="at least 2 seeds"):
+    blackbox.run(blackbox.BlackboxConfig(workdir=w, model=tiny_sd1, prompts=path, seeds=(0,)))
+
+
+# ---- external images ---------------------------------------------------------------
+
+def _pattern(rng, size=64):
+  """uint8 [size, size, 3]: blocks (sharp edges) plus a little noise."""
+  base = np.kron(rng.integers(0, 256, (4, 4, 3)), np.ones((size // 4, size // 4, 1)))
+  return np.clip(base + rng.normal(0, 2, base.shape), 0, 255).astype(np.uint8)
+
+
+def _bomb_png(path, width, height):
+  """A valid 1 x 1 PNG whose header claims width x height (nothing is decoded)."""
+  Image.new("RGB", (1, 1)).save(path)
+  data = bytearray(open(path, "rb").read())
+  ihdr = struct.pack(">II", width, height) + bytes(data[24:29])
+  data[16:29] = ihdr
+  data[29:33] = struct.pack(">I", zlib.crc32(b"IHDR" + ihdr) & 0xFFFFFFFF)
+  open(path, "wb").write(bytes(data))
+
+
+def _reference_pixels(path):
+  """The reference's pil_img_to_torch channel handling, as uint8 [H, W, 3]."""
+  a = np.array(Image.open(path))
+  if a.ndim == 2:
+    a = np.repeat(a[..., None], 3, axis=2)
+  return np.ascontiguousarray(a[:, :, :3])
+
+
+def _score(paths):
+  return edges.edge_score_numpy([edges.resize_for_edges(_reference_pixels(p)) for p in paths])
+
+
+def _image_folder(root):
+  rng = np.random.default_rng(0)
+  base = _pattern(rng)
+
+  def save(sub, name, img):
+    os.makedirs(os.path.join(root, sub), exist_ok=True)
+    path = os.path.join(root, sub, name)
+    img.save(path)
+    return path
+
+  good = [save("a cat on a table", f"{i}.png", Image.fromarray(_pattern(np.random.default_rng(1))))
+          for i in range(3)]
+  dog = [save("dog", "0.png", Image.fromarray(base).convert("L")),
+         save("dog", "1.png", Image.fromarray(base).convert("RGBA")),
+         save("dog", "2.jpg", Image.fromarray(base))]
+  with open(os.path.join(root, "dog", "prompt.txt"), "w") as f:
+    f.write("a dog, from prompt.txt\n")
+  with open(os.path.join(root, "dog", "notes.md"), "w") as f:
+    f.write("not an image, ignored")
+  save("lonely", "0.png", Image.fromarray(base))
+  os.makedirs(os.path.join(root, "broken"))
+  with open(os.path.join(root, "broken", "0.png"), "wb") as f:
+    f.write(b"not a png at all")
+  full = save("broken", "1.png", Image.fromarray(rng.integers(0, 256, (64, 64, 3), np.uint8)))
+  data = open(full, "rb").read()
+  open(full, "wb").write(data[:len(data) // 2])  # truncated
+  broken_ok = [save("broken", f"{i}.png", Image.fromarray(_pattern(np.random.default_rng(i))))
+               for i in (2, 3)]
+  os.makedirs(os.path.join(root, "huge"))
+  _bomb_png(os.path.join(root, "huge", "0.png"), 20000, 20000)  # beyond PIL's own limit
+  save("huge", "1.png", Image.fromarray(np.zeros((400, 400, 3), np.uint8)))  # beyond ours
+  save("huge", "2.png", Image.fromarray(base))
+  wide = (np.asarray(Image.fromarray(base).convert("L")).astype(np.uint16) * 257)
+  sixteen = [save("sixteen", "0.png", Image.fromarray(wide)),
+             save("sixteen", "1.png", Image.fromarray(base).convert("L").convert("P"))]
+  return {"good": good, "dog": dog, "broken_ok": broken_ok, "sixteen": sixteen}
+
+
+def test_external_folder_gives_a_status_per_row_and_image(tmp_path):
+  paths = _image_folder(str(tmp_path / "imgs"))
+  cfg = blackbox.BlackboxConfig(workdir=str(tmp_path / "w"), images=str(tmp_path / "imgs"),
+                                max_image_pixels=300 * 300, shard_size=4)
+  manifest = blackbox.run(cfg)
+  rows = {r["caption"]: r for r in _read(cfg.workdir)}
+  assert list(rows) == ["a cat on a table", "broken", "a dog, from prompt.txt", "huge",
+                        "lonely", "sixteen"]  # sorted by folder name
+  status = {c: (r["status"], r["image_status"], r["n_used"]) for c, r in rows.items()}
+  assert status == {
+      "a cat on a table": ("ok", ["ok"] * 3, 3),
+      "broken": ("ok_skipped_images", ["unreadable", "unreadable", "ok", "ok"], 2),
+      "a dog, from prompt.txt": ("ok_converted", ["ok_converted_from_L",
+                                                  "ok_converted_from_RGBA", "ok"], 3),
+      "huge": ("too_few_images", ["too_large", "too_large", "ok"], 1),
+      "lonely": ("too_few_images", ["ok"], 1),
+      "sixteen": ("ok_converted", ["ok_converted_from_I;16", "ok_converted_from_P"], 2)}
+  assert rows["a dog, from prompt.txt"]["caption_source"] == "prompt.txt"
+  assert rows["lonely"]["caption_source"] == "folder_name"
+  assert rows["huge"]["edge_scores"] is None and rows["lonely"]["edge_scores"] is None
+  assert "400 x 400" in rows["huge"]["image_detail"][1]
+  # Scores: the reference's reading (gray repeated, alpha dropped), no black images.
+  assert rows["a cat on a table"]["edge_scores"] == pytest.approx(_score(paths["good"]), abs=1e-7)
+  assert rows["a dog, from prompt.txt"]["edge_scores"] == pytest.approx(_score(paths["dog"]),
+                                                                         abs=1e-7)
+  assert rows["broken"]["edge_scores"] == pytest.approx(_score(paths["broken_ok"]), abs=1e-7)
+  gray = np.asarray(Image.open(paths["sixteen"][1]).convert("L"))
+  gray = edges.resize_for_edges(np.repeat(gray[..., None], 3, axis=2))
+  assert rows["sixteen"]["edge_scores"] == pytest.approx(
+      edges.edge_score_numpy([gray, gray]), abs=1e-7)  # 16-bit scaled, not clipped white
+  assert manifest["scored"] == 4 and manifest["skipped"] == {"too_few_images": 2}
+  assert manifest["compiles"] == 0
+  assert blackbox.run(cfg)["timings"]["rows_this_run"] == 0  # resumes
+
+
+def test_external_table_groups_rows_by_caption(tmp_path):
+  rng = np.random.default_rng(5)
+  os.makedirs(tmp_path / "imgs")
+  for name in ("a", "b"):
+    Image.fromarray(_pattern(rng)).save(tmp_path / "imgs" / f"{name}.png")
+  rows = [("cat", "imgs/a.png"), ("bird", "imgs/a.png"), ("cat", "imgs/b.png"),
+          ("cat", "imgs/missing.png"), ("", "imgs/a.png"), ("bird", "")]
+  with open(tmp_path / "t.csv", "w") as f:
+    f.write("caption,image_path\n" + "".join(f"{c},{p}\n" for c, p in rows))
+  cfg = blackbox.BlackboxConfig(workdir=str(tmp_path / "w"), images=str(tmp_path / "t.csv"))
+  blackbox.run(cfg)
+  out = _read(cfg.workdir)
+  assert [(r["caption"], r["status"], r["image_status"]) for r in out] == [
+      ("cat", "ok_skipped_images", ["ok", "ok", "missing"]),
+      ("bird", "too_few_images", ["ok", "missing"]),
+      (None, "empty", ["ok"])]
+  expected = _score([str(tmp_path / "imgs" / "a.png"), str(tmp_path / "imgs" / "b.png")])
+  assert out[0]["edge_scores"] == pytest.approx(expected, abs=1e-7)
+  with pytest.raises(InputError, match="no column 'path'"):
+    images_lib.groups_from_table(str(tmp_path / "t.csv"), image_column="path")
+
+
+def test_command_line_external_images_and_one_line_errors(tmp_path):
+  paths = _image_folder(str(tmp_path / "imgs"))
+  del paths
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  cmd = [sys.executable, "-m", "memjax.blackbox", f"--images={tmp_path / 'imgs'}",
+         f"--workdir={tmp_path / 'w'}", "--max_image_pixels=90000"]
+  done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert "blackbox done: 4 scored" in done.stdout
+  manifest = json.load(open(tmp_path / "w" / "manifest_blackbox.json"))
+  assert manifest["config"]["max_image_pixels"] == 90000
+  bad = subprocess.run(cmd[:3] + [f"--images={tmp_path / 'nope'}", f"--workdir={tmp_path / 'x'}"],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert bad.returncode == 2 and "does not exist" in bad.stderr
+  assert "Traceback" not in bad.stderr
