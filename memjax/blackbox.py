@@ -346,9 +346,7 @@ def _finish(cfg, identity, writer, ranges, timings, sampler) -> Dict:
 
 # ---- command line -----------------------------------------------------------------
 
-_IMAGES = flags.DEFINE_string(
-    "images", None, "External images: a folder with one subfolder per prompt (caption: the "
-    "subfolder's prompt.txt or its name) or a table with caption and image-path columns.")
+_IMAGES = cli.IMAGES  # shared with memjax.index (one flag name per process)
 _SAVE = flags.DEFINE_bool("save_images", False, "Write the one-step samples as PNGs under "
                           "WORKDIR/images/<prompt_id>/<seed>.png.")
 _EDGE_T = flags.DEFINE_float("edge_threshold", edges.EDGE_THRESHOLD,

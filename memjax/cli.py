@@ -52,6 +52,12 @@ _MAX = flags.DEFINE_integer("max_prompts", None, "Use only the first N rows.")
 _TOPK = flags.DEFINE_integer("top_k", 100, "Rows kept in WORKDIR/top_k.parquet.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Discard a previous run with other settings.")
 _LOG_EVERY = flags.DEFINE_float("log_interval_s", 30.0, "Seconds between progress lines.")
+IMAGES = flags.DEFINE_string(
+    "images", None,
+    "memjax.blackbox: external images, a folder with one subfolder per prompt (caption: the "
+    "subfolder's prompt.txt or its name) or a table with caption and image-path columns. "
+    "memjax.index: the training-image table (`url` and/or `image_path`, `caption`, "
+    "optional `index`).")
 
 
 def common_flag_values(required=("model", "prompts", "workdir")) -> dict:

@@ -218,9 +218,7 @@ def run(cfg: IndexConfig) -> Dict:
 
 # ---- command line -----------------------------------------------------------------
 
-_IMAGES = flags.DEFINE_string(
-    "images", None, "Training-image table: `url` and/or `image_path`, `caption`, optional "
-    "`index`.")
+_IMAGES = cli.IMAGES  # shared with memjax.blackbox (one flag name per process)
 _EMBEDDINGS = flags.DEFINE_string(
     "embeddings", None, "Folder of precomputed embeddings: img_emb/img_emb_<n>.npy + "
     "metadata/metadata_<n>.parquet (LAION layout).")

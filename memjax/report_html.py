@@ -1,0 +1,214 @@
+"""The report page: one self-contained HTML file (inline CSS and script, relative images).
+
+The page script records, in a hidden `<pre id="status">`, how many images
+loaded, which did not (naturalWidth 0) and every error event, so a headless
+browser's `--dump-dom` tells a test whether the page rendered cleanly.
+"""
+import datetime
+import html
+from typing import Dict, List, Optional, Sequence
+
+from memjax import progress
+
+_CSS = """
+body{font-family:sans-serif;margin:1.5em;color:#222;max-width:1400px}
+table{border-collapse:collapse;margin:.5em 0 1em}
+td,th{border:1px solid #ccc;padding:3px 7px;font-size:13px;vertical-align:top;text-align:left}
+th{background:#f2f2f2}
+.num{text-align:right;font-variant-numeric:tabular-nums}
+.missing{background:#fff4e0;border:1px solid #e0a040;padding:.5em 1em}
+td.ims{white-space:nowrap}
+img.px{width:64px;height:64px;image-rendering:pixelated;object-fit:contain;margin:1px;
+border:1px solid #ddd;background:#eee}
+img.plot{max-width:100%;margin:4px}
+.lab{font-weight:bold;padding:1px 5px;border-radius:3px;color:#fff}
+.MV{background:#d62728}.TV{background:#9467bd}.RV{background:#ff7f0e}
+.N,.unique,.heldout{background:#1f77b4}
+.cap{max-width:320px}
+.none{color:#999;font-size:12px}
+"""
+
+_SCRIPT_HEAD = """
+window.__errors = [];
+(function () {  // console errors count as page errors too
+  var original = console.error;
+  console.error = function () {
+    window.__errors.push('console.error: ' + Array.prototype.join.call(arguments, ' '));
+    return original.apply(console, arguments);
+  };
+})();
+window.addEventListener('error', function (e) {
+  var t = e.target;
+  window.__errors.push(t && t.tagName ? 'failed to load ' + (t.getAttribute('src') || t.tagName)
+                                      : String(e.message));
+}, true);
+"""
+
+_SCRIPT_TAIL = """
+window.addEventListener('load', function () {
+  var imgs = document.images, broken = [];
+  for (var i = 0; i < imgs.length; i++) {
+    if (!imgs[i].complete || imgs[i].naturalWidth === 0) broken.push(imgs[i].getAttribute('src'));
+  }
+  var ids = [];
+  document.querySelectorAll('#gallery tr.item').forEach(function (r) {
+    ids.push(Number(r.dataset.promptId));
+  });
+  document.getElementById('status').textContent = JSON.stringify(
+      {loaded: true, images: imgs.length, broken: broken, errors: window.__errors,
+       gallery: ids});
+});
+"""
+
+
+def _e(text) -> str:
+  return html.escape("" if text is None else str(text))
+
+
+def _num(v, fmt="{:.4g}") -> str:
+  return "-" if v is None or v != v else fmt.format(v)
+
+
+def _table(header: Optional[Sequence[str]], rows: List[Sequence], numeric=()) -> str:
+  head = "<tr>" + "".join(f"<th>{_e(h)}</th>" for h in header) + "</tr>" if header else ""
+  body = "".join(
+      "<tr>" + "".join(f"<td class='num'>{_e(c)}</td>" if i in numeric else f"<td>{_e(c)}</td>"
+                       for i, c in enumerate(r)) + "</tr>" for r in rows)
+  return f"<table>{head}{body}</table>"
+
+
+def _summary(d: Dict) -> str:
+  rows = []
+  sm = d.get("scan_manifest") or {}
+  ident = sm.get("identity") or {}
+  if ident:
+    short = str(ident.get("model_identity"))[:12]
+    rows.append(("model", f"{ident.get('model')} (identity {short})"))
+    rows.append(("prompt table", ident.get("prompts")))
+    rows.append(("seeds / guidance / dtype",
+                 f"{ident.get('seeds')} / {ident.get('guidance_scale')} / {ident.get('dtype')}"))
+  if sm:
+    t = sm.get("timings", {})
+    rows += [("prompts scanned", f"{sm.get('scored')} of {sm.get('rows')} rows "
+                                 f"(skipped: {sm.get('skipped') or 'none'})"),
+             ("scan time", progress.format_duration(t.get("total_s"))),
+             ("scan rate", f"{_num(t.get('prompts_per_s'), '{:.1f}')} prompts/s on "
+                           f"{sm.get('devices')} {sm.get('backend')} device(s)")]
+  elif d.get("scan") is not None:
+    rows.append(("prompts scanned", len(d["scan"]["prompt_id"])))
+  stage_rows = []
+  for name, key, rate in (("scan", "scan_manifest", "prompts_per_s"),
+                          ("blackbox", "blackbox_manifest", "rows_per_s"),
+                          ("generate", "generate_manifest", "images_per_s"),
+                          ("verify", "verify_manifest", None)):
+    m = d.get(key)
+    if m:
+      t = m.get("timings", {})
+      stage_rows.append((name, progress.format_duration(t.get("total_s")),
+                         _num(t.get(rate), "{:.2f}") if rate else "-"))
+  out = "<h2>Summary</h2>" + _table(None, rows)
+  if stage_rows:
+    out += "<h3>Stages</h3>" + _table(("stage", "time", "rate (per s)"), stage_rows, (1, 2))
+  counts = _label_counts(d)
+  if counts:
+    out += "<h3>Counts per label</h3>" + _table(("label source", "counts"), counts)
+  return out
+
+
+def _label_counts(d: Dict) -> List[Sequence]:
+  rows = []
+  if d.get("scan") is not None and "kind" in d["scan"]:
+    c: Dict[str, int] = {}
+    for k in d["scan"]["kind"]:
+      c[k] = c.get(k, 0) + 1
+    rows.append(("planted (testbed kind, every prompt)",
+                 ", ".join(f"{k}: {v}" for k, v in sorted(c.items()))))
+  vm = d.get("verify_manifest")
+  if vm and vm.get("labels"):
+    rows.append((f"verified (memjax.verify, {vm.get('prompts')} prompts)",
+                 ", ".join(f"{k}: {v}" for k, v in sorted(vm["labels"].items()))))
+  return rows
+
+
+def _metrics(metric_reports: Dict, ks: Sequence[int]) -> str:
+  if not metric_reports:
+    return ""
+  out = ["<h2>Detection metrics</h2>"]
+  for source, rep in metric_reports.items():
+    out.append(f"<h3>against {_e(source)} labels</h3>")
+    if "error" in rep:
+      out.append(f"<p class='missing'>not computed: {_e(rep['error'])}</p>")
+      continue
+    rows = []
+    for group, columns in rep["results"].items():
+      for column, r in columns.items():
+        rows.append([group, column, r["n_pos"], r["n_neg"], _num(r["auc"], "{:.3f}"),
+                     _num(r["tpr_at_1pct_fpr"], "{:.3f}")] +
+                    [_num(r["precision_at_k"].get(str(k)), "{:.3f}") for k in ks])
+    out.append(_table(["group", "score", "pos", "neg", "AUC", "TPR@1%FPR"] +
+                      [f"P@{k}" for k in ks], rows, tuple(range(2, 6 + len(ks)))))
+  return "".join(out)
+
+
+def _images(items, empty: str) -> str:
+  if not items:
+    return f"<span class='none'>{_e(empty)}</span>"
+  out = []
+  for rel, title in items:
+    if rel:
+      out.append(f"<img class='px' src='{_e(rel)}' title='{_e(title)}' alt='{_e(title)}'>")
+    else:
+      out.append(f"<span class='none'>{_e(title)} (not available offline)</span>")
+  return "".join(out)
+
+
+def _label(value: Optional[str]) -> str:
+  if not value:
+    return "<span class='none'>-</span>"
+  return f"<span class='lab {_e(value)}'>{_e(value)}</span>"
+
+
+def _gallery(rows: List[Dict]) -> str:
+  planted = any(r["images"]["planted"] for r in rows)  # the testbed's known copies
+  header = ("rank", "caption", "DCS", "edge", "label", "planted", "one-step images",
+            "regenerated images", "matched training image", "TV template + mask") + (
+                ("planted training image",) if planted else ())
+  out = ["<h2>Top prompts</h2><p>Ordered by score, highest first.</p><table id='gallery'><tr>",
+         "".join(f"<th>{h}</th>" for h in header), "</tr>"]
+  for rank, r in enumerate(rows, 1):
+    v, im = r.get("verify") or {}, r["images"]
+    score = r.get("scores", r.get("edge_scores"))
+    out.append(
+        f"<tr class='item' data-prompt-id='{r['id']}' data-score='{_num(score, '{:.9g}')}'>"
+        f"<td class='num'>{rank}</td><td class='cap'>{_e(r.get('caption'))}"
+        f"<br><span class='none'>prompt {r['id']}</span></td>"
+        f"<td class='num'>{_num(r.get('scores'))}</td>"
+        f"<td class='num'>{_num(r.get('edge_scores'))}</td>"
+        f"<td>{_label(v.get('overfit_type'))}</td><td>{_label(r.get('kind'))}</td>"
+        f"<td class='ims'>{_images(im['onestep'], 'no one-step images')}</td>"
+        f"<td class='ims'>{_images(im['generated'], 'not regenerated')}</td>"
+        f"<td class='ims'>{_images(im['training'], 'no match' if v else 'not verified')}</td>"
+        f"<td>{_images(im['tv_mask'], '-')}</td>" +
+        (f"<td>{_images(im['planted'], '-')}</td>" if planted else "") + "</tr>")
+  out.append("</table>")
+  return "".join(out)
+
+
+def render(d: Dict, rows: List[Dict], metric_reports: Dict, plots: List[str],
+           ks: Sequence[int]) -> str:
+  """The whole page as text."""
+  missing = ""
+  if d["missing"]:
+    missing = ("<div class='missing' id='missing'><b>Not in this workdir</b><ul>" +
+               "".join(f"<li>{_e(m)}</li>" for m in d["missing"]) + "</ul></div>")
+  plot_html = "".join(f"<img class='plot' src='{_e(p)}' alt='{_e(p)}'>" for p in plots)
+  when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+  return (
+      "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
+      f"<title>memjax report: {_e(d['workdir'])}</title><style>{_CSS}</style>"
+      f"<script>{_SCRIPT_HEAD}</script></head><body>"
+      f"<h1>memjax extraction report</h1><p>workdir <code>{_e(d['workdir'])}</code>, "
+      f"written {when}</p>{missing}{_summary(d)}{_metrics(metric_reports, ks)}"
+      f"{_gallery(rows)}<h2>Plots</h2>{plot_html or '<p class=none>no scores to plot</p>'}"
+      f"<pre id='status' hidden></pre><script>{_SCRIPT_TAIL}</script>"
+      "</body></html>\n")
