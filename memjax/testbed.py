@@ -1,0 +1,386 @@
+"""A synthetic "mini-LAION" whose duplication structure is known.
+
+memjax trains its own tiny Stable Diffusion on this data set (`memjax.train`) and
+ships it, so the attack can be checked against planted ground truth:
+
+- unique: procedural scenes (a captioned shape on a plain, gradient or striped
+  background, an uncaptioned second shape, random position, size and texture),
+  each seen once. The caption fixes only part of the image, as alt-text does, so
+  the model cannot reproduce these images: they should NOT be memorized.
+- MV: scenes drawn the same way (on bright plain or striped backgrounds, see
+  BRIGHT), each repeated `mv_copies` times under one caption.
+- TV: template groups (a "product shot": fixed layout, fixed label blocks) where a
+  small fixed region changes colour between members; captions share a pattern
+  ("<brand> <product> in <colour>"), like SD2's "Shaw Floors" images.
+- RV: one scene repeated under several captions (alt-text variants that name its
+  content with different wording), each caption `rv_copies` times.
+- heldout: captions from the same grammar never trained on (no image).
+
+Everything is drawn from `numpy.random.default_rng(seed)`, so a spec gives the
+same data set on every machine. Images are uint8 [S, S, 3].
+"""
+import dataclasses
+import os
+from typing import Dict, List, Tuple
+
+import numpy as np
+
+COLORS = {
+    "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 70, 220),
+    "yellow": (240, 220, 40), "orange": (245, 140, 30), "purple": (140, 50, 180),
+    "pink": (245, 140, 190), "cyan": (60, 210, 220), "white": (245, 245, 245),
+    "black": (20, 20, 20), "gray": (128, 128, 128), "brown": (120, 75, 35)}
+SHAPES = ("circle", "square", "triangle", "ring", "cross", "diamond")
+STYLES = ("plain", "gradient", "striped")
+PREFIXES = ("a photo of", "an illustration of", "a drawing of", "clipart of", "a poster of",
+            "a picture of")
+SIZES = ("small", "large", "")
+SUFFIXES = ("", ", stock image", ", wallpaper", ", icon", ", sticker", ", hd", ", vector art",
+            ", 4k", ", free download", ", pattern", ", design", ", sale", ", print")
+BRANDS = ("velmora", "quintalo", "orbisco", "brakken", "sunnelt", "tarvique")
+PRODUCTS = ("carpet sample", "tile swatch", "fabric swatch", "paint chip", "rug", "phone case")
+KINDS = ("MV", "TV", "RV", "unique", "heldout")
+# MV backgrounds: the DCS at t = 999 grows with the distance of the memorized image
+# from the mean image, so memorized images on dark or gray backgrounds score like
+# held-out captions (measured; benchmarks/train_testbed.md). MV images are drawn
+# like the others but on a bright plain or striped background, as poster-like
+# duplicated images are.
+BRIGHT = ("yellow", "cyan", "pink", "white", "orange")
+
+
+@dataclasses.dataclass(frozen=True)
+class TestbedSpec:
+  """Sizes of the planted structure (defaults: the shipped testbed)."""
+  seed: int = 0
+  image_size: int = 16
+  num_unique: int = 1000
+  num_mv: int = 20
+  mv_copies: int = 150
+  num_tv_groups: int = 2
+  tv_members: int = 6
+  tv_copies: int = 10
+  num_rv: int = 3
+  rv_captions: int = 5
+  rv_copies: int = 4
+  num_heldout: int = 200
+  eval_unique: int = 100
+
+
+@dataclasses.dataclass
+class Scene:
+  """What a caption says about an image (the rest of the image is random)."""
+  prefix: str
+  size: str
+  color: str
+  shape: str
+  bg_color: str
+  style: str
+  suffix: str
+
+  def caption(self) -> str:
+    words = " ".join(w for w in (self.size, self.color, self.shape) if w)
+    bg = self.bg_color + ("" if self.style == "plain" else " " + self.style)
+    text = f"{self.prefix} a {words} on a {bg} background{self.suffix}"
+    return text.replace(" a orange", " an orange")
+
+
+def random_scene(rng: np.random.Generator) -> Scene:
+  color, bg = rng.choice(list(COLORS), 2, replace=False)
+  return Scene(str(rng.choice(PREFIXES)), str(rng.choice(SIZES)), str(color),
+               str(rng.choice(SHAPES)), str(bg), str(rng.choice(STYLES)),
+               str(rng.choice(SUFFIXES)))
+
+
+def _shape_mask(shape: str, yy, xx, cy, cx, r) -> np.ndarray:
+  dy, dx = yy - cy, xx - cx
+  if shape == "circle":
+    return dy ** 2 + dx ** 2 <= r ** 2
+  if shape == "square":
+    return (np.abs(dy) <= r * 0.8) & (np.abs(dx) <= r * 0.8)
+  if shape == "triangle":
+    return (dy <= r * 0.7) & (dy >= -r) & (np.abs(dx) <= (dy + r) * 0.6)
+  if shape == "ring":
+    d = dy ** 2 + dx ** 2
+    return (d <= r ** 2) & (d >= (0.55 * r) ** 2)
+  if shape == "cross":
+    w = max(r * 0.3, 0.6)
+    return ((np.abs(dy) <= w) & (np.abs(dx) <= r)) | ((np.abs(dx) <= w) & (np.abs(dy) <= r))
+  if shape == "diamond":
+    return np.abs(dy) + np.abs(dx) <= r
+  raise ValueError(shape)
+
+
+def render(scene: Scene, rng: np.random.Generator, size: int) -> np.ndarray:
+  """A random image that matches `scene`: uint8 [size, size, 3]."""
+  yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+  bg = np.array(COLORS[scene.bg_color], np.float32)
+  img = np.broadcast_to(bg, (size, size, 3)).copy()
+  if scene.style == "gradient":
+    angle = rng.uniform(0, 2 * np.pi)
+    ramp = (np.cos(angle) * xx + np.sin(angle) * yy) / size
+    ramp = (ramp - ramp.min()) / max(ramp.max() - ramp.min(), 1e-6)
+    img = img * (0.35 + 0.65 * ramp[..., None])
+  elif scene.style == "striped":
+    period = rng.integers(3, 6)
+    stripes = ((xx if rng.random() < 0.5 else yy) // period % 2)[..., None]
+    img = img * (1 - 0.45 * stripes)
+  # An uncaptioned second shape: variation the caption does not determine.
+  if rng.random() < 0.6:
+    other = COLORS[str(rng.choice(list(COLORS)))]
+    m = _shape_mask(str(rng.choice(SHAPES)), yy, xx, rng.uniform(2, size - 2),
+                    rng.uniform(2, size - 2), size * rng.uniform(0.1, 0.18))
+    img[m] = other
+  lo, hi = {"small": (0.14, 0.2), "large": (0.3, 0.4), "": (0.14, 0.4)}[scene.size]
+  r = size * rng.uniform(lo, hi)
+  cy, cx = rng.uniform(r * 0.8, size - r * 0.8, 2)
+  img[_shape_mask(scene.shape, yy, xx, cy, cx, r)] = COLORS[scene.color]
+  img = img + rng.normal(0, 6, img.shape)  # texture
+  return np.clip(np.round(img), 0, 255).astype(np.uint8)
+
+
+def _template(rng: np.random.Generator, size: int) -> Tuple[np.ndarray, Tuple[int, int, int]]:
+  """A product-shot layout: image and the (y, x, side) of the region that varies."""
+  img = render(random_scene(rng), rng, size).astype(np.float32)
+  for row in range(2):  # "text" label blocks, fixed within a group
+    y = size - 4 + 2 * row
+    for x in range(1, size - 1, 3):
+      if rng.random() < 0.7:
+        img[y, x:x + 2] = 30
+  side = max(size // 4, 3)
+  y, x = rng.integers(1, size - side - 4, 2)
+  return np.clip(img, 0, 255).astype(np.uint8), (int(y), int(x), int(side))
+
+
+def generate(spec: TestbedSpec) -> Dict[str, list]:
+  """The data set as lists of records.
+
+  Returns:
+    {"images": [uint8 [S, S, 3]], "train": [dict(caption, image, kind, group,
+    copies)], "eval": [dict(caption, kind, memorized, image)]} where `image`
+    indexes "images" (-1: none).
+  """
+  rng = np.random.default_rng(spec.seed)
+  s = spec.image_size
+  images: List[np.ndarray] = []
+  train: List[dict] = []
+  used = set()
+
+  def add_image(img):
+    images.append(img)
+    return len(images) - 1
+
+  def fresh_scene():
+    while True:
+      scene = random_scene(rng)
+      if scene.caption() not in used:
+        used.add(scene.caption())
+        return scene
+
+  for g in range(spec.num_mv):
+    scene = fresh_scene()
+    while scene.bg_color not in BRIGHT or scene.style == "gradient":
+      used.discard(scene.caption())
+      scene = fresh_scene()
+    train.append(dict(caption=scene.caption(), image=add_image(render(scene, rng, s)),
+                      kind="MV", group=f"mv{g}", copies=spec.mv_copies))
+  colors = list(COLORS)
+  for g in range(spec.num_tv_groups):
+    base, (y, x, side) = _template(rng, s)
+    brand, product = BRANDS[g % len(BRANDS)], PRODUCTS[g % len(PRODUCTS)]
+    for c in rng.choice(colors, spec.tv_members, replace=False):
+      img = base.copy()
+      img[y:y + side, x:x + side] = COLORS[str(c)]
+      caption = f"{brand} {product} in {c}"
+      used.add(caption)
+      train.append(dict(caption=caption, image=add_image(img), kind="TV", group=f"tv{g}",
+                        copies=spec.tv_copies))
+  for g in range(spec.num_rv):
+    scene = fresh_scene()
+    index = add_image(render(scene, rng, s))
+    variants = set()
+    while len(variants) < spec.rv_captions:  # same content, other wording
+      v = dataclasses.replace(scene, prefix=str(rng.choice(PREFIXES)),
+                              suffix=str(rng.choice(SUFFIXES)))
+      if v.caption() not in used:
+        used.add(v.caption())
+        variants.add(v.caption())
+    for caption in sorted(variants):
+      train.append(dict(caption=caption, image=index, kind="RV", group=f"rv{g}",
+                        copies=spec.rv_copies))
+  for i in range(spec.num_unique):
+    scene = fresh_scene()
+    train.append(dict(caption=scene.caption(), image=add_image(render(scene, rng, s)),
+                      kind="unique", group=f"u{i}", copies=1))
+
+  evals = [dict(caption=r["caption"], kind=r["kind"], memorized=r["kind"] != "unique",
+                image=r["image"]) for r in train if r["kind"] in ("MV", "TV", "RV")]
+  uniques = [r for r in train if r["kind"] == "unique"][:spec.eval_unique]
+  evals += [dict(caption=r["caption"], kind="unique", memorized=False, image=r["image"])
+            for r in uniques]
+  for _ in range(spec.num_heldout):
+    evals.append(dict(caption=fresh_scene().caption(), kind="heldout", memorized=False,
+                      image=-1))
+  return {"images": images, "train": train, "eval": evals}
+
+
+def write(data: Dict[str, list], out_dir: str) -> Dict[str, str]:
+  """Writes images/NNNNN.png, train.parquet and eval_prompts.parquet under out_dir.
+
+  `image_path` is relative to out_dir (the folder holding the parquets). Each file
+  is written under a temporary name and renamed.
+  """
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  import pyarrow as pa  # pylint: disable=g-import-not-at-top
+  import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+  os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
+  paths = []
+  for i, img in enumerate(data["images"]):
+    rel = os.path.join("images", f"{i:05d}.png")
+    tmp = os.path.join(out_dir, rel + ".tmp")
+    Image.fromarray(img).save(tmp, format="PNG", optimize=True)
+    os.replace(tmp, os.path.join(out_dir, rel))
+    paths.append(rel)
+
+  def save(rows, columns, name):
+    table = pa.table({c: [r[c] for r in rows] for c in columns})
+    path = os.path.join(out_dir, name)
+    pq.write_table(table, path + ".tmp")
+    os.replace(path + ".tmp", path)
+    return path
+
+  train = [dict(r, image_path=paths[r["image"]]) for r in data["train"]]
+  # `index`: the row of train.parquet holding the caption's own training image (as
+  # LAION's `index`), so verification can find it (the MV rule); None if held out.
+  first_row = {}
+  for row, r in enumerate(train):
+    first_row.setdefault(r["image_path"], row)
+  evals = [dict(r, image_path=paths[r["image"]] if r["image"] >= 0 else None,
+                index=first_row.get(paths[r["image"]]) if r["image"] >= 0 else None)
+           for r in data["eval"]]
+  return {"train": save(train, ("caption", "image_path", "kind", "group", "copies"),
+                        "train.parquet"),
+          "eval": save(evals, ("caption", "kind", "memorized", "image_path", "index"),
+                       "eval_prompts.parquet")}
+
+
+# ---- metrics of the planted structure ------------------------------------------------
+
+def roc_auc(pos: np.ndarray, neg: np.ndarray) -> float:
+  """P(score of a positive > score of a negative), ties counted half (Mann-Whitney U)."""
+  pos, neg = np.asarray(pos, np.float64), np.asarray(neg, np.float64)
+  if not len(pos) or not len(neg):
+    return float("nan")
+  greater = (pos[:, None] > neg[None]).sum() + 0.5 * (pos[:, None] == neg[None]).sum()
+  return float(greater / (len(pos) * len(neg)))
+
+
+def auc_table(kinds: np.ndarray, memorized: np.ndarray, columns: Dict[str, np.ndarray]
+              ) -> Dict[str, Dict[str, float]]:
+  """AUC of each kind (and MV+TV+RV pooled) against held-out, for each score column;
+  `precision_at_k_mv`: fraction of MV / of any memorized caption in the top K
+  (K = number of MV captions) by that column."""
+  kinds, memorized = np.asarray(kinds), np.asarray(memorized, bool)
+  held = kinds == "heldout"
+  k = int((kinds == "MV").sum())
+  out = {}
+  for name, v in columns.items():
+    v = np.asarray(v, np.float64)
+    row = {kind: roc_auc(v[kinds == kind], v[held]) for kind in ("MV", "TV", "RV", "unique")}
+    row["memorized"] = roc_auc(v[memorized], v[held])
+    top = np.argsort(-v, kind="stable")[:k]
+    row["precision_at_k_mv"] = float((kinds[top] == "MV").mean()) if k else float("nan")
+    row["precision_at_k_memorized"] = float(memorized[top].mean()) if k else float("nan")
+    out[name] = row
+  return out
+
+
+def nearest_is_own(generated: np.ndarray, own: np.ndarray, train_images: np.ndarray
+                   ) -> np.ndarray:
+  """Whether each generated image is closer (pixel MSE) to its own training image
+  than to every other training image.
+
+  Args:
+    generated: [N, S, S, 3] float in [0, 1]; own: [N] index into train_images;
+    train_images: [M, S, S, 3] float in [0, 1] (distinct images).
+  Returns: [N] bool.
+  """
+  g = generated.reshape(len(generated), -1).astype(np.float64)
+  t = train_images.reshape(len(train_images), -1).astype(np.float64)
+  d = (g ** 2).sum(1)[:, None] - 2 * g @ t.T + (t ** 2).sum(1)[None]
+  own_d = d[np.arange(len(g)), own]
+  d[np.arange(len(g)), own] = np.inf
+  return own_d < d.min(axis=1)
+
+
+def evaluate(folder: str, guidance_scale: float = 7.5, seed: int = 0, batch: int = 64) -> Dict:
+  """Scores eval_prompts.parquet of a testbed folder with its model/ (the scan's DCS
+  with the scan's noise for `seed`) and checks what the planted captions generate.
+
+  Returns {"auc": auc_table for `scores` and `wen`, "nearest_own": per kind, the
+  fraction of captions whose one-step image (x0_hat with CFG at guidance_scale,
+  decoded, clipped to [0, 1]) is nearer its own training image than any other,
+  "nearest_own_w1": the same for the conditional prediction alone (w = 1),
+  "rows": the per-caption numbers}.
+  """
+  # pylint: disable=g-import-not-at-top
+  import jax
+  import jax.numpy as jnp
+  import pyarrow.parquet as pq
+  from PIL import Image
+  from memjax import noise as noise_lib
+  from memjax import whitebox
+  from memjax.models import loading
+  # pylint: enable=g-import-not-at-top
+  sd = loading.load_stable_diffusion(os.path.join(folder, "model"))
+  ev = pq.read_table(os.path.join(folder, "eval_prompts.parquet")).to_pydict()
+  paths = sorted(set(pq.read_table(os.path.join(folder, "train.parquet"),
+                                   columns=["image_path"]).column(0).to_pylist()))
+  train_images = np.stack([np.asarray(Image.open(os.path.join(folder, p)).convert("RGB"))
+                           for p in paths]).astype(np.float32) / 255.0
+  t = 999
+  c = whitebox.timestep_constants(sd.schedule, t)
+  z = jnp.asarray(noise_lib.noise_for_seeds([seed], sd.latent_shape_chw)[0])  # [h, w, c]
+  tp, up, vp = sd.params["text_encoder"], sd.params["unet"], sd.params["vae"]
+  empty = sd.tokenizer.encode_batch([""])["input_ids"]
+  e_u = jax.jit(whitebox.make_uncond_fn(sd.text_encoder.apply, sd.unet.apply, sd.schedule, t))(
+      tp, up, jnp.asarray(empty), z[None])[0]
+
+  def decode(e):
+    x0 = c["sigma"] * z - c["sigma"] * e  # section 2's x0_hat, latent space
+    img = sd.vae.apply({"params": vp}, x0 / sd.vae_scaling_factor, method=type(sd.vae).decode)
+    return jnp.clip(img / 2 + 0.5, 0, 1)  # section 3's mapping to [0, 1]
+
+  @jax.jit
+  def one_step(ids):
+    ctx = sd.text_encoder.apply({"params": tp}, ids)
+    x_in = jnp.broadcast_to(c["sqrt_one_minus_abar"] * z, (ids.shape[0],) + z.shape)
+    e_c = whitebox.model_eps(sd.unet.apply, up, x_in, t, ctx, sd.schedule)
+    stats = whitebox.dcs_statistics(e_u, e_c, guidance_scale, c["sigma"])
+    return stats, decode(e_u + guidance_scale * (e_c - e_u)), decode(e_c)
+
+  ids = sd.tokenizer.encode_batch(ev["caption"])["input_ids"]
+  n = len(ids)
+  pad = -n % batch
+  ids = np.concatenate([ids, np.broadcast_to(empty, (pad, ids.shape[1]))]).astype(np.int32)
+  outs = [jax.device_get(one_step(jnp.asarray(ids[i:i + batch])))
+          for i in range(0, len(ids), batch)]
+  scores = np.concatenate([o[0]["dcs"] for o in outs])[:n]
+  wen = np.concatenate([o[0]["wen"] for o in outs])[:n]
+  kinds = np.array(ev["kind"])
+  memorized = np.array(ev["memorized"], bool)
+  index = {p: i for i, p in enumerate(paths)}
+  own = np.array([index.get(p, -1) if p else -1 for p in ev["image_path"]])
+  has = own >= 0
+  near, nearest = {}, {}
+  for key, j in (("cfg", 1), ("w1", 2)):  # at guidance_scale, and the cond. model alone
+    gen = np.concatenate([o[j] for o in outs])[:n]
+    near[key] = np.zeros(n, bool)
+    near[key][has] = nearest_is_own(gen[has], own[has], train_images)
+    nearest[key] = {k: float(near[key][(kinds == k) & has].mean())
+                    for k in ("MV", "TV", "RV", "unique") if ((kinds == k) & has).any()}
+  return {"guidance_scale": guidance_scale, "seed": seed,
+          "auc": auc_table(kinds, memorized, {"scores": scores, "wen": wen}),
+          "nearest_own": nearest["cfg"], "nearest_own_w1": nearest["w1"],
+          "rows": {"caption": ev["caption"], "kind": ev["kind"], "scores": scores.tolist(),
+                   "wen": wen.tolist(), "nearest_own": near["cfg"].tolist(),
+                   "nearest_own_w1": near["w1"].tolist()}}

@@ -1,0 +1,99 @@
+"""The mini-LAION generator plants exactly the structure it claims (issue 4), and
+the metrics used to check the shipped model are right."""
+import collections
+import os
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from scipy import stats
+
+from memjax import testbed
+
+SPEC = testbed.TestbedSpec(seed=3, num_unique=30, num_mv=4, mv_copies=7, num_tv_groups=2,
+                           tv_members=3, tv_copies=5, num_rv=2, rv_captions=3, rv_copies=4,
+                           num_heldout=12, eval_unique=10)
+
+
+@pytest.fixture(scope="module")
+def data():
+  return testbed.generate(SPEC)
+
+
+def test_same_seed_same_data_other_seed_other_data(data):
+  again = testbed.generate(SPEC)
+  assert [r["caption"] for r in again["train"]] == [r["caption"] for r in data["train"]]
+  assert all(np.array_equal(a, b) for a, b in zip(again["images"], data["images"]))
+  other = testbed.generate(testbed.TestbedSpec(**dict(vars(SPEC), seed=4)))
+  assert not np.array_equal(other["images"][0], data["images"][0])
+
+
+def test_planted_structure(data):
+  train, s = data["train"], SPEC
+  kinds = collections.Counter(r["kind"] for r in train)
+  assert kinds == {"MV": s.num_mv, "TV": s.num_tv_groups * s.tv_members,
+                   "RV": s.num_rv * s.rv_captions, "unique": s.num_unique}
+  assert len({r["caption"] for r in train}) == len(train)  # one row per caption
+  assert all(img.shape == (s.image_size,) * 2 + (3,) and img.dtype == np.uint8
+             for img in data["images"])
+  copies = {k: {r["copies"] for r in train if r["kind"] == k} for k in kinds}
+  assert copies == {"MV": {s.mv_copies}, "TV": {s.tv_copies}, "RV": {s.rv_copies},
+                    "unique": {1}}
+  # RV: one image under several captions; every other kind has its own image.
+  per_image = collections.Counter(r["image"] for r in train)
+  assert sorted(per_image[r["image"]] for r in train if r["kind"] == "RV") == \
+      [s.rv_captions] * (s.num_rv * s.rv_captions)
+  assert all(per_image[r["image"]] == 1 for r in train if r["kind"] != "RV")
+  # TV: members of a group differ only inside one small region.
+  for g in range(s.num_tv_groups):
+    imgs = np.stack([data["images"][r["image"]] for r in train if r["group"] == f"tv{g}"])
+    varies = (imgs != imgs[:1]).any(axis=(0, 3))
+    assert 0 < varies.sum() <= (s.image_size // 4) ** 2
+    captions = [r["caption"] for r in train if r["group"] == f"tv{g}"]
+    assert len({c.rsplit(" ", 1)[0] for c in captions}) == 1  # a shared pattern
+
+
+def test_eval_prompts(data):
+  ev, s = data["eval"], SPEC
+  kinds = collections.Counter(r["kind"] for r in ev)
+  assert kinds == {"MV": s.num_mv, "TV": s.num_tv_groups * s.tv_members,
+                   "RV": s.num_rv * s.rv_captions, "unique": s.eval_unique,
+                   "heldout": s.num_heldout}
+  trained = {r["caption"] for r in data["train"]}
+  held = [r for r in ev if r["kind"] == "heldout"]
+  assert not {r["caption"] for r in held} & trained and all(r["image"] == -1 for r in held)
+  assert all(r["memorized"] == (r["kind"] in ("MV", "TV", "RV")) for r in ev)
+
+
+def test_write_layout(data, tmp_path):
+  paths = testbed.write(data, str(tmp_path))
+  train = pq.read_table(paths["train"]).to_pydict()
+  assert list(train) == ["caption", "image_path", "kind", "group", "copies"]
+  ev = pq.read_table(paths["eval"]).to_pydict()
+  assert list(ev) == ["caption", "kind", "memorized", "image_path"]
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  first = train["image_path"][0]
+  np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / first)), data["images"][0])
+  assert all(p is None or os.path.exists(tmp_path / p) for p in ev["image_path"])
+  assert all(p is None for p, k in zip(ev["image_path"], ev["kind"]) if k == "heldout")
+
+
+def test_roc_auc_matches_mann_whitney():
+  rng = np.random.default_rng(0)
+  pos, neg = rng.normal(1, 1, 40), np.concatenate([rng.normal(0, 1, 50), [1.0, 1.0]])
+  pos[:3] = 1.0  # ties count half
+  u = stats.mannwhitneyu(pos, neg).statistic
+  assert testbed.roc_auc(pos, neg) == pytest.approx(u / (len(pos) * len(neg)), abs=1e-12)
+
+
+def test_auc_table_and_nearest():
+  kinds = np.array(["MV", "MV", "TV", "heldout", "heldout", "unique"])
+  mem = np.array([1, 1, 1, 0, 0, 0], bool)
+  table = testbed.auc_table(kinds, mem, {"s": np.array([5.0, 4, 1, 2, 0, 3])})["s"]
+  assert table["MV"] == 1.0 and table["TV"] == 0.5 and table["unique"] == 1.0
+  assert table["memorized"] == pytest.approx(5 / 6)
+  assert table["precision_at_k_mv"] == 1.0
+  train = np.stack([np.full((4, 4, 3), v) for v in (0.0, 0.5, 1.0)])
+  gen = np.stack([np.full((4, 4, 3), 0.6), np.full((4, 4, 3), 0.1)])
+  np.testing.assert_array_equal(testbed.nearest_is_own(gen, np.array([1, 2]), train),
+                                [True, False])
