@@ -37,6 +37,7 @@ from jax.sharding import PartitionSpec as P
 from memjax import cli
 from memjax import edges
 from memjax import images as images_lib
+from memjax import noise as noise_lib
 from memjax import onestep
 from memjax import progress as progress_lib
 from memjax import prompts as prompts_lib
@@ -150,17 +151,6 @@ def _generate_shard(cfg, sampler: _Sampler, pool, prep: Dict, seed_names) -> Dic
   return [f.result() for f in futures]
 
 
-def _load_noise(cfg: BlackboxConfig, shape_chw):
-  from memjax import noise as noise_lib  # pylint: disable=g-import-not-at-top
-  if cfg.noise:
-    z = noise_lib.load_noise(cfg.noise, shape_chw)
-    with open(cfg.noise, "rb") as f:
-      digest = hashlib.sha256(f.read()).hexdigest()
-    return z, f"file:{digest}", list(range(len(z)))
-  return (noise_lib.noise_for_seeds(cfg.seeds, shape_chw), f"jax.random:{list(cfg.seeds)}",
-          [int(s) for s in cfg.seeds])
-
-
 # ---- prompt sources and output tables ---------------------------------------------
 
 @dataclasses.dataclass
@@ -259,7 +249,8 @@ def run(cfg: BlackboxConfig) -> Dict:
     source = _open_prompt_source(cfg.prompts, cfg.prompt_column, cfg.csv_delimiter,
                                  cfg.top_k, cfg.max_prompts)
     sd = loading.load_stable_diffusion(cfg.model, cfg.dtype)
-    noise, noise_digest, seed_names = _load_noise(cfg, sd.latent_shape_chw)
+    noise, noise_digest, seed_names = noise_lib.start_noise(cfg.noise, cfg.seeds,
+                                                            sd.latent_shape_chw)
     if len(noise) < 2:
       raise InputError(f"--noise={cfg.noise}: the edge score needs at least 2 noise arrays")
     identity = dict(common, mode="generated", model=os.path.abspath(cfg.model),

@@ -260,19 +260,6 @@ def _write_generated_table(cfg: GenerateConfig, sampler: str, steps: int) -> pa.
   return table
 
 
-def _load_noise(cfg: GenerateConfig, shape_chw):
-  """[S, h, w, c] start noise, its digest and the seed names (rows of --noise: 0..S-1)."""
-  if cfg.noise:
-    z = noise_lib.load_noise(cfg.noise, shape_chw)
-    with open(cfg.noise, "rb") as f:
-      digest = hashlib.sha256(f.read()).hexdigest()
-    return z, f"file:{digest}", list(range(len(z)))
-  seeds = [int(s) for s in cfg.seeds]
-  if len(set(seeds)) != len(seeds):
-    raise InputError(f"--seeds has duplicates: {seeds}")
-  return noise_lib.noise_for_seeds(seeds, shape_chw), f"jax.random:{seeds}", seeds
-
-
 def _read_scheduler_config(model_dir: str) -> dict:
   path = os.path.join(model_dir, "scheduler", "scheduler_config.json")
   try:
@@ -296,7 +283,7 @@ def run(cfg: GenerateConfig) -> Dict:
   plan = sampling.make_plan(cfg.sampler, sd.schedule, _read_scheduler_config(cfg.model),
                             cfg.steps, **plan_kw)
   load_s = time.perf_counter() - t_start
-  noise, noise_digest, seeds = _load_noise(cfg, sd.latent_shape_chw)
+  noise, noise_digest, seeds = noise_lib.start_noise(cfg.noise, cfg.seeds, sd.latent_shape_chw)
   identity = dict(source.identity, model=os.path.abspath(cfg.model),
                   model_identity=results.model_identity(cfg.model), sampler=cfg.sampler,
                   steps=cfg.steps, plan=plan.info, seeds=seeds, noise=noise_digest,

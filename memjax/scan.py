@@ -11,7 +11,6 @@ of the same command resumes where a killed one stopped; a rerun with other
 settings is refused unless --overwrite.
 """
 import dataclasses
-import hashlib
 import os
 import queue
 import threading
@@ -179,15 +178,6 @@ def _prefetch(table, ranges, tokenizer, out: queue.Queue, stop: threading.Event)
   out.put(None)
 
 
-def _load_noise(cfg: ScanConfig, shape_chw):
-  if cfg.noise:
-    z = noise_lib.load_noise(cfg.noise, shape_chw)
-    with open(cfg.noise, "rb") as f:
-      digest = hashlib.sha256(f.read()).hexdigest()
-    return z, f"file:{digest}"
-  return noise_lib.noise_for_seeds(cfg.seeds, shape_chw), f"jax.random:{list(cfg.seeds)}"
-
-
 def run(cfg: ScanConfig) -> Dict:
   """Scores every prompt of cfg.prompts into cfg.workdir; returns the manifest."""
   t_start = time.perf_counter()
@@ -199,7 +189,7 @@ def run(cfg: ScanConfig) -> Dict:
   n_rows = table.num_rows if cfg.max_prompts is None else min(table.num_rows, cfg.max_prompts)
   sd = loading.load_stable_diffusion(cfg.model, cfg.dtype, components=("unet", "text_encoder"))
   load_s = time.perf_counter() - t_start
-  noise, noise_digest = _load_noise(cfg, sd.latent_shape_chw)
+  noise, noise_digest, _ = noise_lib.start_noise(cfg.noise, cfg.seeds, sd.latent_shape_chw)
   pid, nproc = jax.process_index(), jax.process_count()
   identity = cfg.identity(results.model_identity(cfg.model), noise_digest)
   if pid == 0:
