@@ -70,7 +70,10 @@ def test_write_layout(data, tmp_path):
   train = pq.read_table(paths["train"]).to_pydict()
   assert list(train) == ["caption", "image_path", "kind", "group", "copies"]
   ev = pq.read_table(paths["eval"]).to_pydict()
-  assert list(ev) == ["caption", "kind", "memorized", "image_path"]
+  assert list(ev) == ["caption", "kind", "memorized", "image_path", "index"]
+  # `index` is the train.parquet row holding the caption's own image (verify's MV rule).
+  for p, i in zip(ev["image_path"], ev["index"]):
+    assert (p is None and i is None) or train["image_path"][i] == p
   from PIL import Image  # pylint: disable=g-import-not-at-top
   first = train["image_path"][0]
   np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / first)), data["images"][0])
