@@ -46,6 +46,7 @@ from memjax import cli
 from memjax import embed
 from memjax import labels as labels_lib
 from memjax import masks as masks_lib
+from memjax import progress as progress_lib
 from memjax import results
 from memjax import retrieval
 from memjax.errors import InputError
@@ -293,6 +294,7 @@ def run(cfg: VerifyConfig) -> Dict:
   cache = _ImageCache(os.path.join(cfg.workdir, "image_cache"))
   own_images = _OwnImages(store)
   out_rows, all_templates, counts = [], [], collections.Counter()
+  progress = progress_lib.Progress(len(order), what="prompts labelled", interval_s=30.0)
   for pid in order:
     row, templates = _label_prompt(cfg, store, cache, own_images, pid, by_prompt[pid], images,
                                    statuses, neighbours[pid])
@@ -301,6 +303,7 @@ def run(cfg: VerifyConfig) -> Dict:
     out_rows.append(row)
     all_templates.extend(templates)
     counts[row["overfit_type"] or "none"] += 1
+    progress.update(1)
   label_s = time.perf_counter() - t0
   return _write(cfg, store, embedder, out_rows, all_templates, counts, {
       "embed_search_s": embed_search_s, "label_s": label_s,
