@@ -4,7 +4,8 @@
       [--dtype=float32|bfloat16] [--seeds=0] [--noise=FILE.npy]
 
 Takes the first n scorable captions, draws (or reads) one start noise z, and
-computes the whitebox DCS twice on the same folder: through memjax's own scan
+computes the whitebox DCS twice on the same folder (with --blackbox also the
+one-step images and their edge scores): through memjax's own scan
 (`memjax.scan.run`, the real command path) and with PyTorch diffusers' UNet and
 transformers' CLIP text encoder (`memjax.torch_reference`, the reference's CFG
 pair). Writes `WORKDIR/crosscheck.parquet` (per prompt: both scores and their
@@ -49,6 +50,7 @@ class CrossCheckConfig:
   dtype: str = "float32"
   noise: Optional[str] = None
   batch_size: int = 16
+  blackbox: bool = False  # also compare the one-step images and edge scores
 
 
 def _first_captions(cfg: CrossCheckConfig):
@@ -121,11 +123,59 @@ def run(cfg: CrossCheckConfig) -> Dict:
         f"REPORT: n={len(captions)} {cfg.dtype} max rel diff {c['max_rel_diff']:.2e}, "
         f"mean {c['mean_rel_diff']:.2e}, Spearman {c['spearman']:.6f}, top-{c['k']} "
         f"overlap {c['topk_overlap']:.2f} (no threshold in {cfg.dtype})")
+  if cfg.blackbox:
+    summary["blackbox"] = _blackbox(cfg, captions, ref)
+    summary["verdict"] += "; " + summary["blackbox"]["verdict"]
   results.write_json_atomic(os.path.join(cfg.workdir, "crosscheck.json"), summary)
   return summary
 
 
+def _blackbox(cfg: CrossCheckConfig, captions, ref) -> Dict:
+  """One-step images (ALGORITHMS.md section 3) and their edge scores, both ways.
+
+  Seeds: cfg.seeds when there are at least 2, else 0..3 (the blackbox default).
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from memjax import edges  # pylint: disable=g-import-not-at-top
+  from memjax import onestep  # pylint: disable=g-import-not-at-top
+  from memjax import whitebox  # pylint: disable=g-import-not-at-top
+  sd = loading.load_stable_diffusion(cfg.model, cfg.dtype)
+  seeds = list(cfg.seeds) if len(cfg.seeds) >= 2 else [0, 1, 2, 3]
+  z = noise_lib.noise_for_seeds(seeds, sd.latent_shape_chw)
+  p = sd.params
+  e_u = jax.jit(whitebox.make_uncond_fn(sd.text_encoder.apply, sd.unet.apply, sd.schedule,
+                                        onestep.TIMESTEP))(
+      p["text_encoder"], p["unet"], jnp.asarray(sd.tokenizer.encode_batch([""])["input_ids"]), z)
+  sample = jax.jit(onestep.make_onestep_fn(sd.text_encoder.apply, sd.unet.apply,
+                                           onestep.vae_decode_fn(sd), sd.schedule,
+                                           cfg.guidance_scale, sd.vae_scaling_factor))
+  mine, theirs = [], []
+  for i in range(0, len(captions), cfg.batch_size):
+    batch = captions[i:i + cfg.batch_size]
+    ids = jnp.asarray(sd.tokenizer.encode_batch(batch)["input_ids"])
+    mine.append(np.asarray(sample(p["text_encoder"], p["unet"], p["vae"], ids, z, e_u)))
+    theirs.append(ref.onestep_images(batch, z.transpose(0, 3, 1, 2), cfg.guidance_scale))
+  mine, theirs = np.concatenate(mine), np.concatenate(theirs)
+  pixel = float(np.abs(mine - theirs).max())
+
+  def scores(images):  # through uint8 and PIL, as the blackbox stage does
+    u8 = onestep.to_uint8(images)
+    return np.array([edges.edge_score_numpy([edges.resize_for_edges(im) for im in row])
+                     for row in u8])
+  a, b = scores(mine), scores(theirs)
+  out = {"seeds": seeds, "max_abs_pixel_diff": pixel,
+         "edge_scores_max_abs_diff": float(np.abs(a - b).max()),
+         "edge_scores_equal_fraction": float(np.mean(a == b))}
+  out["verdict"] = (f"blackbox: max abs pixel diff {pixel:.2e} (<= 1/255 = 3.9e-3 expected), "
+                    f"edge scores equal for {out['edge_scores_equal_fraction']:.0%} of prompts "
+                    f"(max abs diff {out['edge_scores_max_abs_diff']:.2e})")
+  return out
+
+
 _N = flags.DEFINE_integer("n", 64, "Number of captions to cross-check.")
+_BLACKBOX = flags.DEFINE_bool("blackbox", False, "Also compare the one-step images (4 seeds "
+                              "unless --seeds names 2 or more) and their edge scores.")
 
 
 def main(argv):
@@ -136,7 +186,8 @@ def main(argv):
                          n=_N.value, prompt_column=f["prompt_column"],
                          csv_delimiter=f["csv_delimiter"], seeds=f["seeds"],
                          guidance_scale=f["guidance_scale"], dtype=f["dtype"],
-                         noise=f["noise"], batch_size=min(f["batch_size"], 64))
+                         noise=f["noise"], batch_size=min(f["batch_size"], 64),
+                         blackbox=_BLACKBOX.value)
   summary = run(cfg)
   print(summary["verdict"])
   print(f"details: {os.path.join(cfg.workdir, 'crosscheck.json')}")

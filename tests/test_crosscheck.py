@@ -41,3 +41,13 @@ def test_bfloat16_reports_figures(tiny_sd1, tmp_path):
 def test_compare_on_hand_made_arrays():
   c = crosscheck.compare(np.array([3.0, 2.0, 1.0, 0.5]), np.array([3.0, 2.2, 1.0, 0.4]))
   assert abs(c["max_rel_diff"] - 0.25) < 1e-12 and c["spearman"] == 1.0
+
+
+def test_blackbox_images_and_edges_agree(tiny_sd2, tmp_path):
+  p = tmp_path / "p.txt"
+  p.write_text("\n".join(CAPTIONS[:3]) + "\n")
+  s = crosscheck.run(crosscheck.CrossCheckConfig(model=tiny_sd2, prompts=str(p),
+                                                 workdir=str(tmp_path / "w"), n=3, blackbox=True))
+  print(s["verdict"])
+  assert s["blackbox"]["max_abs_pixel_diff"] <= 1 / 255
+  assert s["blackbox"]["seeds"] == [0, 1, 2, 3]
