@@ -18,7 +18,7 @@ Every key and shape is checked against the abstract params of the module
 collected and raised as one `CheckpointError` that names the file and each key.
 This module imports neither torch nor jax.numpy math beyond numpy.
 """
-from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, Mapping, Sequence, Tuple
 
 import numpy as np
 
@@ -184,14 +184,12 @@ _LIST_NAMES = frozenset({
     "transformer_blocks", "to_out", "net", "layers"})
 
 
-def flax_to_torch(params: Mapping, abstract_kinds: Optional[Mapping] = None,
-                  prefix: str = "") -> Dict[str, np.ndarray]:
+def flax_to_torch(params: Mapping, prefix: str = "") -> Dict[str, np.ndarray]:
   """Inverse of `torch_to_flax`: Flax params -> PyTorch-named numpy state dict.
 
   Used to save models memjax builds or trains in the diffusers layout. A kernel
   of rank 4 is a Conv ([kh, kw, I, O] -> [O, I, kh, kw]); of rank 2 a Linear.
   """
-  del abstract_kinds
   state = {}
   for path, value in flatten(params).items():
     value = np.asarray(value)
