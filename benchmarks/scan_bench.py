@@ -8,6 +8,8 @@ builds tiny random SD folders with `memjax.tiny`, and in one run times, per mode
 and batch size: memjax's jitted score (compile time separately), PyTorch diffusers
 computing the same DCS the reference's way (CFG pair per prompt) and PyTorch with
 the unconditional output computed once (memjax's formulation), on the same folder.
+The three are timed in turn within each repeat (medians), so load from other
+processes falls on all of them alike.
 
 Accelerator mode (full SD1.5 architecture, random weights, no folder needed):
 
@@ -33,12 +35,21 @@ NOMINAL_TFLOP_PER_PROMPT = 1.63  # ALGORITHMS.md section 6 (SD1.x, 64 x 64 laten
 
 
 def _time(fn, repeats):
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
+  return _time_interleaved([fn], repeats)[0]
+
+
+def _time_interleaved(fns, repeats):
+  """Median seconds of each fn, the fns timed in turn within each repeat so that a
+  change in the machine's load hits all of them alike (after one warm-up call each)."""
+  for fn in fns:
     fn()
-    times.append(time.perf_counter() - t0)
-  return float(np.median(times))
+  times = [[] for _ in fns]
+  for _ in range(repeats):
+    for fn, ts in zip(fns, times):
+      t0 = time.perf_counter()
+      fn()
+      ts.append(time.perf_counter() - t0)
+  return [float(np.median(ts)) for ts in times]
 
 
 def _jax_scorer(text, unet, text_params, unet_params, schedule, latent_hwc, batch, seeds,
@@ -47,6 +58,9 @@ def _jax_scorer(text, unet, text_params, unet_params, schedule, latent_hwc, batc
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from memjax import whitebox  # pylint: disable=g-import-not-at-top
+  # On the device once, as memjax.scan does: numpy params (the loader's memory-mapped
+  # views) would be copied to the device on every call.
+  text_params, unet_params = jax.device_put((text_params, unet_params))
   shape = (seeds,) + tuple(latent_hwc)
   noise = jax.random.normal(jax.random.PRNGKey(0), shape, jnp.float32)
   uncond = jax.jit(whitebox.make_uncond_fn(text.apply, unet.apply, schedule, 999))
@@ -89,15 +103,14 @@ def cpu_mode(args):
     for batch in [int(b) for b in args.batch_sizes.split(",")]:
       step, compile_s, _ = _jax_scorer(sd.text_encoder, sd.unet, sd.params["text_encoder"],
                                        sd.params["unet"], sd.schedule, (h, w, c), batch, 1)
-      t_jax = _time(step, args.repeats)
       prompts = ["a photo of a cat"] * batch
-      t_ref = _time(lambda: ref.score(prompts, z), args.repeats)
       x = torch.from_numpy(z * (1 - ref.abar) ** 0.5)
 
       def torch_once():  # memjax's formulation in PyTorch: e_u precomputed
         ctx = ref.embed(prompts)
         return ref.eps(x.expand(batch, -1, -1, -1), ctx)
-      t_once = _time(torch_once, args.repeats)
+      t_jax, t_ref, t_once = _time_interleaved(
+          [step, lambda: ref.score(prompts, z), torch_once], args.repeats)
       rows.append({"model": name, "unet_params_M": round(n_params / 1e6, 2),
                    "latents": f"{h}x{w}", "batch": batch, "compile_s": round(compile_s, 2),
                    "memjax_prompts_per_s": round(batch / t_jax, 1),

@@ -30,8 +30,8 @@ _COORDINATOR = flags.DEFINE_string(
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 _ATTENTION = flags.DEFINE_enum(
-    "attention", None, ["xla", "cudnn"],
-    "Attention kernel for jax.nn.dot_product_attention (default: JAX chooses).")
+    "attention", None, ["xla", "cudnn", "blocked"],
+    "Attention kernel (default: blocked on CPU, cuDNN for bf16/fp16 on GPU, else XLA).")
 
 
 # Flags shared by the stages (scan, blackbox, generate, ...), defined once here
