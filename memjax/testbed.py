@@ -14,7 +14,8 @@ ships it, so the attack can be checked against planted ground truth:
   ("<brand> <product> in <colour>"), like SD2's "Shaw Floors" images.
 - RV: one scene repeated under several captions (alt-text variants that name its
   content with different wording), each caption `rv_copies` times.
-- heldout: captions from the same grammar never trained on (no image).
+- heldout: captions from the same grammar never trained on (no image), none of
+  them naming the content (colour, shape, background) of an MV or RV scene.
 
 Everything is drawn from `numpy.random.default_rng(seed)`, so a spec gives the
 same data set on every machine. Images are uint8 [S, S, 3].
@@ -58,7 +59,7 @@ class TestbedSpec:
   mv_copies: int = 150
   num_tv_groups: int = 2
   tv_members: int = 6
-  tv_copies: int = 10
+  tv_copies: int = 3
   num_rv: int = 3
   rv_captions: int = 5
   rv_copies: int = 4
@@ -164,6 +165,7 @@ def generate(spec: TestbedSpec) -> Dict[str, list]:
   images: List[np.ndarray] = []
   train: List[dict] = []
   used = set()
+  memorized_scenes: List[Scene] = []
 
   def add_image(img):
     images.append(img)
@@ -183,6 +185,7 @@ def generate(spec: TestbedSpec) -> Dict[str, list]:
       scene = fresh_scene()
     train.append(dict(caption=scene.caption(), image=add_image(render(scene, rng, s)),
                       kind="MV", group=f"mv{g}", copies=spec.mv_copies))
+    memorized_scenes.append(scene)
   colors = list(COLORS)
   for g in range(spec.num_tv_groups):
     base, (y, x, side) = _template(rng, s)
@@ -197,6 +200,7 @@ def generate(spec: TestbedSpec) -> Dict[str, list]:
   for g in range(spec.num_rv):
     scene = fresh_scene()
     index = add_image(render(scene, rng, s))
+    memorized_scenes.append(scene)
     variants = set()
     while len(variants) < spec.rv_captions:  # same content, other wording
       v = dataclasses.replace(scene, prefix=str(rng.choice(PREFIXES)),
@@ -217,9 +221,16 @@ def generate(spec: TestbedSpec) -> Dict[str, list]:
   uniques = [r for r in train if r["kind"] == "unique"][:spec.eval_unique]
   evals += [dict(caption=r["caption"], kind="unique", memorized=False, image=r["image"])
             for r in uniques]
+  # A held-out caption naming a memorized scene's content (colour, shape and
+  # background) with other wording brings that image back, as RV captions do: it
+  # would be a memorized prompt labelled "not memorized". Held-out captions
+  # describe other content.
+  planted = {(s.color, s.shape, s.bg_color) for s in memorized_scenes}
   for _ in range(spec.num_heldout):
-    evals.append(dict(caption=fresh_scene().caption(), kind="heldout", memorized=False,
-                      image=-1))
+    scene = fresh_scene()
+    while (scene.color, scene.shape, scene.bg_color) in planted:
+      scene = fresh_scene()
+    evals.append(dict(caption=scene.caption(), kind="heldout", memorized=False, image=-1))
   return {"images": images, "train": train, "eval": evals}
 
 
@@ -312,15 +323,25 @@ def nearest_is_own(generated: np.ndarray, own: np.ndarray, train_images: np.ndar
   return own_d < d.min(axis=1)
 
 
-def evaluate(folder: str, guidance_scale: float = 7.5, seed: int = 0, batch: int = 64) -> Dict:
+# The scan flags of configs/demo_scan.flags: the DCS averaged over 4 start noises.
+# One noise is not enough to rank 20 MV captions above everything else: on the
+# shipped model, seeds 0..3 alone give MV precision@20 of 0.80, 0.65, 0.60, 0.80
+# and MV AUC 0.978 to 0.9998; their mean gives 1.0 and 1.0
+# (benchmarks/train_testbed.md).
+EVAL_SEEDS = (0, 1, 2, 3)
+
+
+def evaluate(folder: str, guidance_scale: float = 7.5, seeds=EVAL_SEEDS, batch: int = 64
+             ) -> Dict:
   """Scores eval_prompts.parquet of a testbed folder with its model/ (the scan's DCS
-  with the scan's noise for `seed`) and checks what the planted captions generate.
+  and Wen norm with the scan's noise for each of `seeds`, averaged over seeds as
+  the scan does) and checks what the planted captions generate.
 
   Returns {"auc": auc_table for `scores` and `wen`, "nearest_own": per kind, the
-  fraction of captions whose one-step image (x0_hat with CFG at guidance_scale,
-  decoded, clipped to [0, 1]) is nearer its own training image than any other,
-  "nearest_own_w1": the same for the conditional prediction alone (w = 1),
-  "rows": the per-caption numbers}.
+  fraction of (caption, seed) pairs whose one-step image (x0_hat with CFG at
+  guidance_scale, decoded, clipped to [0, 1]) is nearer its own training image than
+  any other, "nearest_own_w1": the same for the conditional prediction alone
+  (w = 1), "rows": the per-caption numbers (`nearest_own*`: the fraction of seeds)}.
   """
   # pylint: disable=g-import-not-at-top
   import jax
@@ -331,6 +352,7 @@ def evaluate(folder: str, guidance_scale: float = 7.5, seed: int = 0, batch: int
   from memjax import whitebox
   from memjax.models import loading
   # pylint: enable=g-import-not-at-top
+  seeds = [int(s) for s in seeds]
   sd = loading.load_stable_diffusion(os.path.join(folder, "model"))
   ev = pq.read_table(os.path.join(folder, "eval_prompts.parquet")).to_pydict()
   paths = sorted(set(pq.read_table(os.path.join(folder, "train.parquet"),
@@ -339,48 +361,51 @@ def evaluate(folder: str, guidance_scale: float = 7.5, seed: int = 0, batch: int
                            for p in paths]).astype(np.float32) / 255.0
   t = 999
   c = whitebox.timestep_constants(sd.schedule, t)
-  z = jnp.asarray(noise_lib.noise_for_seeds([seed], sd.latent_shape_chw)[0])  # [h, w, c]
   tp, up, vp = sd.params["text_encoder"], sd.params["unet"], sd.params["vae"]
   empty = sd.tokenizer.encode_batch([""])["input_ids"]
-  e_u = jax.jit(whitebox.make_uncond_fn(sd.text_encoder.apply, sd.unet.apply, sd.schedule, t))(
-      tp, up, jnp.asarray(empty), z[None])[0]
+  uncond = jax.jit(whitebox.make_uncond_fn(sd.text_encoder.apply, sd.unet.apply, sd.schedule, t))
 
-  def decode(e):
+  def decode(z, e):
     x0 = c["sigma"] * z - c["sigma"] * e  # section 2's x0_hat, latent space
     img = sd.vae.apply({"params": vp}, x0 / sd.vae_scaling_factor, method=type(sd.vae).decode)
     return jnp.clip(img / 2 + 0.5, 0, 1)  # section 3's mapping to [0, 1]
 
   @jax.jit
-  def one_step(ids):
+  def one_step(ids, z, e_u):
     ctx = sd.text_encoder.apply({"params": tp}, ids)
     x_in = jnp.broadcast_to(c["sqrt_one_minus_abar"] * z, (ids.shape[0],) + z.shape)
     e_c = whitebox.model_eps(sd.unet.apply, up, x_in, t, ctx, sd.schedule)
     stats = whitebox.dcs_statistics(e_u, e_c, guidance_scale, c["sigma"])
-    return stats, decode(e_u + guidance_scale * (e_c - e_u)), decode(e_c)
+    return stats, decode(z, e_u + guidance_scale * (e_c - e_u)), decode(z, e_c)
 
   ids = sd.tokenizer.encode_batch(ev["caption"])["input_ids"]
   n = len(ids)
   pad = -n % batch
   ids = np.concatenate([ids, np.broadcast_to(empty, (pad, ids.shape[1]))]).astype(np.int32)
-  outs = [jax.device_get(one_step(jnp.asarray(ids[i:i + batch])))
-          for i in range(0, len(ids), batch)]
-  scores = np.concatenate([o[0]["dcs"] for o in outs])[:n]
-  wen = np.concatenate([o[0]["wen"] for o in outs])[:n]
   kinds = np.array(ev["kind"])
   memorized = np.array(ev["memorized"], bool)
   index = {p: i for i, p in enumerate(paths)}
   own = np.array([index.get(p, -1) if p else -1 for p in ev["image_path"]])
   has = own >= 0
-  near, nearest = {}, {}
-  for key, j in (("cfg", 1), ("w1", 2)):  # at guidance_scale, and the cond. model alone
-    gen = np.concatenate([o[j] for o in outs])[:n]
-    near[key] = np.zeros(n, bool)
-    near[key][has] = nearest_is_own(gen[has], own[has], train_images)
-    nearest[key] = {k: float(near[key][(kinds == k) & has].mean())
-                    for k in ("MV", "TV", "RV", "unique") if ((kinds == k) & has).any()}
-  return {"guidance_scale": guidance_scale, "seed": seed,
+  scores, wen = np.zeros((n, len(seeds))), np.zeros((n, len(seeds)))
+  near = {"cfg": np.zeros((n, len(seeds)), bool), "w1": np.zeros((n, len(seeds)), bool)}
+  for j, seed in enumerate(seeds):
+    z = jnp.asarray(noise_lib.noise_for_seeds([seed], sd.latent_shape_chw)[0])  # [h, w, c]
+    e_u = uncond(tp, up, jnp.asarray(empty), z[None])[0]
+    outs = [jax.device_get(one_step(jnp.asarray(ids[i:i + batch]), z, e_u))
+            for i in range(0, len(ids), batch)]
+    scores[:, j] = np.concatenate([o[0]["dcs"] for o in outs])[:n]
+    wen[:, j] = np.concatenate([o[0]["wen"] for o in outs])[:n]
+    for key, k in (("cfg", 1), ("w1", 2)):  # at guidance_scale, and the cond. model alone
+      gen = np.concatenate([o[k] for o in outs])[:n]
+      near[key][has, j] = nearest_is_own(gen[has], own[has], train_images)
+  nearest = {key: {k: float(near[key][(kinds == k) & has].mean())
+                   for k in ("MV", "TV", "RV", "unique") if ((kinds == k) & has).any()}
+             for key in near}
+  scores, wen = scores.mean(axis=1), wen.mean(axis=1)
+  return {"guidance_scale": guidance_scale, "seeds": seeds,
           "auc": auc_table(kinds, memorized, {"scores": scores, "wen": wen}),
           "nearest_own": nearest["cfg"], "nearest_own_w1": nearest["w1"],
           "rows": {"caption": ev["caption"], "kind": ev["kind"], "scores": scores.tolist(),
-                   "wen": wen.tolist(), "nearest_own": near["cfg"].tolist(),
-                   "nearest_own_w1": near["w1"].tolist()}}
+                   "wen": wen.tolist(), "nearest_own": near["cfg"].mean(axis=1).tolist(),
+                   "nearest_own_w1": near["w1"].mean(axis=1).tolist()}}
