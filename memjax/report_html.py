@@ -69,6 +69,16 @@ def _num(v, fmt="{:.4g}") -> str:
   return "-" if v is None or v != v else fmt.format(v)
 
 
+def _rate(value, fmt: str) -> str:
+  """A stage's rate; '-' when the last run had nothing left to do (rate 0)."""
+  return "-" if not value else _num(value, fmt)
+
+
+def _resumed_finished(manifest) -> bool:
+  rates = [v for k, v in ((manifest or {}).get("timings") or {}).items() if k.endswith("_per_s")]
+  return bool(rates) and not any(rates)
+
+
 def _table(header: Optional[Sequence[str]], rows: List[Sequence], numeric=()) -> str:
   head = "<tr>" + "".join(f"<th>{_e(h)}</th>" for h in header) + "</tr>" if header else ""
   body = "".join(
@@ -92,7 +102,7 @@ def _summary(d: Dict) -> str:
     rows += [("prompts scanned", f"{sm.get('scored')} of {sm.get('rows')} rows "
                                  f"(skipped: {sm.get('skipped') or 'none'})"),
              ("scan time", progress.format_duration(t.get("total_s"))),
-             ("scan rate", f"{_num(t.get('prompts_per_s'), '{:.1f}')} prompts/s on "
+             ("scan rate", f"{_rate(t.get('prompts_per_s'), '{:.1f}')} prompts/s on "
                            f"{sm.get('devices')} {sm.get('backend')} device(s)")]
   elif d.get("scan") is not None:
     rows.append(("prompts scanned", len(d["scan"]["prompt_id"])))
@@ -105,8 +115,12 @@ def _summary(d: Dict) -> str:
     if m:
       t = m.get("timings", {})
       stage_rows.append((name, progress.format_duration(t.get("total_s")),
-                         _num(t.get(rate), "{:.2f}") if rate else "-"))
+                         _rate(t.get(rate), "{:.2f}") if rate else "-"))
   out = "<h2>Summary</h2>" + _table(None, rows)
+  if any(_resumed_finished(d.get(k)) for k in ("scan_manifest", "blackbox_manifest",
+                                                "generate_manifest")):
+    out += ("<p>Times and rates are those of the last run of each stage; a stage that "
+            "found its work already done shows no rate.</p>")
   if stage_rows:
     out += "<h3>Stages</h3>" + _table(("stage", "time", "rate (per s)"), stage_rows, (1, 2))
   counts = _label_counts(d)

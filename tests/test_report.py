@@ -164,6 +164,23 @@ def test_rerun_replaces_the_report_and_the_folder_moves(full_workdir, tmp_path):
     assert os.path.isfile(os.path.join(moved, src))
 
 
+def test_a_resumed_finished_stage_shows_no_rate(full_workdir):
+  """Rerunning a finished stage rewrites its manifest with rate 0: shown as '-'."""
+  path = os.path.join(full_workdir, "manifest.json")
+  manifest = {"stage": "scan", "rows": 8, "scored": 8, "devices": 1, "backend": "cpu",
+              "timings": {"total_s": 3.5, "prompts_per_s": 0.0, "prompts_scored_this_run": 0}}
+  with open(path, "w") as f:
+    json.dump(manifest, f)
+  page = _page(report.run(report.ReportConfig(workdir=full_workdir)))
+  assert "- prompts/s" in page and "0.0 prompts/s" not in page
+  assert "a stage that found its work already done shows no rate" in page
+  manifest["timings"].update(prompts_per_s=52.5, prompts_scored_this_run=8)
+  with open(path, "w") as f:
+    json.dump(manifest, f)
+  page = _page(report.run(report.ReportConfig(workdir=full_workdir)))
+  assert "52.5 prompts/s" in page and "already done" not in page
+
+
 def test_scan_only_workdir_reports_what_is_missing(tmp_path):
   w = str(tmp_path / "w")
   _scan(w, with_kind=False)
