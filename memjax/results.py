@@ -358,27 +358,3 @@ def count_statuses(directory: str, column: str = "status") -> Dict[str, int]:
     for item in pc.value_counts(batch[column]).to_pylist():
       counts[item["values"] or "<missing>"] += item["counts"]
   return dict(sorted(counts.items()))
-
-
-def write_manifest(workdir: str, num_rows: int, stage: str = "scan",
-                   extra: Optional[dict] = None) -> dict:
-  """Checks that the shards hold rows [0, num_rows) exactly once and writes
-  WORKDIR/manifest.json (shards, rows, missing/overlapping ranges, statuses)."""
-  paths = stage_paths(workdir, stage)
-  done = list_shards(paths["dir"])
-  overlaps, end = [], 0
-  for a, b in done:
-    if a < end:
-      overlaps.append((a, b))
-    end = max(end, b)
-  missing = subtract_ranges([(0, num_rows)], done)
-  manifest = {
-      "stage": stage, "num_rows": num_rows, "num_shards": len(done),
-      "rows_written": sum(b - a for a, b in done),
-      "missing_ranges": missing, "overlapping_ranges": overlaps,
-      "complete": not missing and not overlaps,
-      "status_counts": count_statuses(paths["dir"]) if done else {},
-      "shards": [shard_name(a, b) for a, b in done]}
-  manifest.update(extra or {})
-  write_json_atomic(paths["manifest"], manifest)
-  return manifest

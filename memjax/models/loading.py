@@ -76,7 +76,7 @@ def _read_json(path: str) -> dict:
     raise ConfigError(f"{path}: not valid JSON: {e}") from None
 
 
-def dummy_inputs(name: str, module, cfg: dict):
+def dummy_inputs(name: str, cfg: dict):
   if name == "unet":
     c = cfg.get("in_channels", 4)
     return (jnp.zeros((1, 8, 8, c)), jnp.zeros((1,), jnp.int32),
@@ -84,7 +84,6 @@ def dummy_inputs(name: str, module, cfg: dict):
   if name == "vae":
     f = 2 ** (len(cfg["block_out_channels"]) - 1)
     return (jnp.zeros((1, 8 * f, 8 * f, cfg.get("in_channels", 3))),)
-  del module
   return (jnp.zeros((1, min(77, cfg.get("max_position_embeddings", 77))), jnp.int32),)
 
 
@@ -101,7 +100,7 @@ def build_module(name: str, cfg: dict, source: str, dtype=jnp.float32):
 
 def abstract_params(name: str, module, cfg: dict):
   """The module's params as ShapeDtypeStructs, without initialising anything."""
-  shapes = jax.eval_shape(module.init, jax.random.PRNGKey(0), *dummy_inputs(name, module, cfg))
+  shapes = jax.eval_shape(module.init, jax.random.PRNGKey(0), *dummy_inputs(name, cfg))
   return shapes["params"]
 
 
