@@ -19,6 +19,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+import bench_timing  # pylint: disable=g-import-not-at-top  # benchmarks/bench_timing.py
+
 # (name, batch, query tokens, key tokens, heads, head dim, causal)
 SHAPES = [
     ("medium self 32x32", 8, 1024, 1024, 8, 8, False),
@@ -31,13 +33,7 @@ SD15 = [("sd15 self 64x64", 1, 4096, 4096, 8, 40, False),
 
 
 def _median_ms(fn, repeats):
-  fn()
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t0)
-  return 1e3 * float(np.median(times))
+  return 1e3 * bench_timing.median_time(fn, repeats)
 
 
 def main():

@@ -24,16 +24,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+import bench_timing  # pylint: disable=g-import-not-at-top  # benchmarks/bench_timing.py
+
 STYLES = {"tiny": "sd1", "medium": "medium"}
-
-
-def _median_time(fn, repeats):
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t0)
-  return float(np.median(times))
 
 
 def bench_model(name, folder, batch_sizes, seeds, repeats, with_torch):
@@ -64,14 +57,15 @@ def bench_model(name, folder, batch_sizes, seeds, repeats, with_torch):
     compiled = sample.lower(*args).compile()
     compile_s = time.perf_counter() - t0
     out = np.asarray(jax.block_until_ready(compiled(*args)))
-    gen_s = _median_time(lambda: jax.block_until_ready(compiled(*args)), repeats)
+    gen_s = bench_timing.median_time(lambda: jax.block_until_ready(compiled(*args)), repeats,
+                                     warmup=False)
     pixels = onestep.to_uint8(out)
 
     def host():
       for group in pixels:
         edges.edge_score_numpy([edges.resize_for_edges(im) for im in group])
 
-    host_s = _median_time(host, max(1, repeats // 2))
+    host_s = bench_timing.median_time(host, max(1, repeats // 2), warmup=False)
     n = batch * seeds
     row = {"model": name, "batch": batch, "seeds": seeds, "image_px": list(out.shape[2:4]),
            "compile_s": round(compile_s, 2), "gen_images_per_s": round(n / gen_s, 2),
@@ -81,7 +75,8 @@ def bench_model(name, folder, batch_sizes, seeds, repeats, with_torch):
     if torch_ref is not None:
       z = np.asarray(noise).transpose(0, 3, 1, 2)
       torch_out = torch_ref.onestep_images(captions, z)
-      torch_s = _median_time(lambda: torch_ref.onestep_images(captions, z), repeats)
+      torch_s = bench_timing.median_time(lambda: torch_ref.onestep_images(captions, z),
+                                         repeats, warmup=False)
       row.update(torch_images_per_s=round(n / torch_s, 2),
                  max_abs_diff_vs_torch=float(np.abs(torch_out - out).max()))
     print(json.dumps(row), flush=True)

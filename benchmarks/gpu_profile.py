@@ -25,19 +25,18 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+import bench_timing  # pylint: disable=g-import-not-at-top  # benchmarks/bench_timing.py
+
 
 def _timed(fn, args, repeats):
   import jax  # pylint: disable=g-import-not-at-top
   t0 = time.perf_counter()
   compiled = jax.jit(fn).lower(*args).compile()
   compile_s = time.perf_counter() - t0
-  out = jax.block_until_ready(compiled(*args))
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    out = jax.block_until_ready(compiled(*args))
-    times.append(time.perf_counter() - t0)
-  return float(np.median(times)), compile_s, out
+  out = jax.block_until_ready(compiled(*args))  # the warm-up call, whose output is kept
+  run_s = bench_timing.median_time(lambda: jax.block_until_ready(compiled(*args)), repeats,
+                                   warmup=False)
+  return run_s, compile_s, out
 
 
 def main():

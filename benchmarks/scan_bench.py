@@ -31,25 +31,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+import bench_timing  # pylint: disable=g-import-not-at-top  # benchmarks/bench_timing.py
+
 NOMINAL_TFLOP_PER_PROMPT = 1.63  # ALGORITHMS.md section 6 (SD1.x, 64 x 64 latents, CFG pair)
-
-
-def _time(fn, repeats):
-  return _time_interleaved([fn], repeats)[0]
-
-
-def _time_interleaved(fns, repeats):
-  """Median seconds of each fn, the fns timed in turn within each repeat so that a
-  change in the machine's load hits all of them alike (after one warm-up call each)."""
-  for fn in fns:
-    fn()
-  times = [[] for _ in fns]
-  for _ in range(repeats):
-    for fn, ts in zip(fns, times):
-      t0 = time.perf_counter()
-      fn()
-      ts.append(time.perf_counter() - t0)
-  return [float(np.median(ts)) for ts in times]
 
 
 def _jax_scorer(text, unet, text_params, unet_params, schedule, latent_hwc, batch, seeds,
@@ -109,7 +93,7 @@ def cpu_mode(args):
       def torch_once():  # memjax's formulation in PyTorch: e_u precomputed
         ctx = ref.embed(prompts)
         return ref.eps(x.expand(batch, -1, -1, -1), ctx)
-      t_jax, t_ref, t_once = _time_interleaved(
+      t_jax, t_ref, t_once = bench_timing.median_seconds(
           [step, lambda: ref.score(prompts, z), torch_once], args.repeats)
       rows.append({"model": name, "unet_params_M": round(n_params / 1e6, 2),
                    "latents": f"{h}x{w}", "batch": batch, "compile_s": round(compile_s, 2),
@@ -154,7 +138,7 @@ def accelerator_mode(args):
         step, compile_s, flops = _jax_scorer(modules["text_encoder"], modules["unet"],
                                              params["text_encoder"], params["unet"],
                                              schedule, latent_hwc, batch, 1)
-        t = _time(step, args.repeats)
+        t = bench_timing.median_time(step, args.repeats)
       except Exception as e:  # pylint: disable=broad-except  # e.g. out of memory
         print(f"attention={impl} batch={batch}: failed: {str(e)[:300]}", flush=True)
         continue
