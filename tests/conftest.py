@@ -33,3 +33,14 @@ def tiny_sd2(tmp_path_factory):
   """A tiny random SD2-style folder (v-prediction, linear projections, gelu)."""
   from memjax import tiny  # pylint: disable=g-import-not-at-top
   return tiny.build_tiny_model(str(tmp_path_factory.mktemp("models") / "sd2"), "sd2", seed=1)
+
+
+@pytest.fixture(scope="module")
+def one_faiss_thread():
+  """FAISS on one OpenMP thread for a module's tests: OpenMP spinning on a loaded
+  2-core machine makes k-means 10x slower."""
+  import faiss  # pylint: disable=g-import-not-at-top
+  before = faiss.omp_get_max_threads()
+  faiss.omp_set_num_threads(1)
+  yield
+  faiss.omp_set_num_threads(before)

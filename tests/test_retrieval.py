@@ -13,14 +13,7 @@ from memjax import retrieval
 from memjax.errors import InputError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_faiss_thread():
-  # OpenMP spinning on a loaded 2-core machine makes k-means 10x slower.
-  import faiss  # pylint: disable=g-import-not-at-top
-  before = faiss.omp_get_max_threads()
-  faiss.omp_set_num_threads(1)
-  yield
-  faiss.omp_set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")  # conftest.py
 
 
 def _unit(rng, n, d):

@@ -23,13 +23,7 @@ SIZE = 256
 SQUARE = (slice(60, 140), slice(90, 170))  # 80 x 80 pixels: the template's varying part
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_faiss_thread():
-  import faiss  # pylint: disable=g-import-not-at-top
-  before = faiss.omp_get_max_threads()
-  faiss.omp_set_num_threads(1)
-  yield
-  faiss.omp_set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")  # conftest.py
 
 
 def _smooth(seed):
