@@ -2,7 +2,7 @@
 
     python benchmarks/blackbox_bench.py --models=tiny,medium --batch_sizes=1,8 --seeds=4
 
-builds random SD folders with `memjax.tiny` ("tiny" = the tests' sd1 style, 32 px
+builds random SD folders with `memjax.testing.tiny` ("tiny" = the tests' sd1 style, 32 px
 images; "medium" = 32 x 32 latents, 256 px images) and times, per model and batch
 size, on JAX's default backend (one device):
 - memjax's jitted one-step sampler (text encoder + one UNet forward per seed +
@@ -32,7 +32,7 @@ STYLES = {"tiny": "sd1", "medium": "medium"}
 def bench_model(name, folder, batch_sizes, seeds, repeats, with_torch):
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from memjax import edges, onestep, whitebox  # pylint: disable=g-import-not-at-top
+  from memjax.method import edges, onestep, whitebox  # pylint: disable=g-import-not-at-top
   from memjax.models import loading  # pylint: disable=g-import-not-at-top
   sd = loading.load_stable_diffusion(folder)
   p = sd.params
@@ -46,7 +46,7 @@ def bench_model(name, folder, batch_sizes, seeds, repeats, with_torch):
                                            sd.vae_scaling_factor))
   torch_ref = None
   if with_torch:
-    from memjax.torch_reference import TorchWhitebox  # pylint: disable=g-import-not-at-top
+    from memjax.testing.torch_reference import TorchWhitebox  # pylint: disable=g-import-not-at-top
     torch_ref = TorchWhitebox(folder, threads=os.cpu_count())
   rows = []
   for batch in batch_sizes:
@@ -93,7 +93,7 @@ def main():
   ap.add_argument("--torch", action="store_true", help="also time PyTorch diffusers")
   ap.add_argument("--out", default=None, help="write all rows to this JSON file")
   args = ap.parse_args()
-  from memjax import tiny  # pylint: disable=g-import-not-at-top
+  from memjax.testing import tiny  # pylint: disable=g-import-not-at-top
   rows = []
   with tempfile.TemporaryDirectory() as tmp:
     for name in args.models.split(","):

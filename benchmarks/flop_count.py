@@ -26,9 +26,10 @@ def main():
   a = p.parse_args()
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from memjax import tiny, whitebox  # pylint: disable=g-import-not-at-top
+  from memjax.testing import tiny  # pylint: disable=g-import-not-at-top
+  from memjax.method import whitebox
   from memjax.models import attention, loading  # pylint: disable=g-import-not-at-top
-  from memjax.schedule import Schedule  # pylint: disable=g-import-not-at-top
+  from memjax.method.schedule import Schedule  # pylint: disable=g-import-not-at-top
 
   # The XLA kernel: its dot_general FLOPs are what the GPU paths compute too.
   attention.set_attention_implementation("xla")

@@ -2,7 +2,7 @@
 
     python benchmarks/generate_bench.py --styles=sd1,medium --steps=1,32 --samplers=heun,ddim
 
-builds random SD folders with `memjax.tiny` ("sd1": 16 x 16 latents, 32 px images;
+builds random SD folders with `memjax.testing.tiny` ("sd1": 16 x 16 latents, 32 px images;
 "medium": 32 x 32 latents, 256 px images), and times, per style, sampler and number
 of steps, the whole jitted loop (text encoder, 2 * steps - 1 CFG UNet calls for
 Heun or `steps` for DDIM, VAE decode) on --prompts x --seeds images at once:
@@ -27,7 +27,7 @@ def bench_case(sd, scheduler_config, sampler, steps, prompts, seeds, repeats):
   """Times one (sampler, steps) case; returns a dict of results."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from memjax import sampling  # pylint: disable=g-import-not-at-top
+  from memjax.method import sampling  # pylint: disable=g-import-not-at-top
   plan = sampling.make_plan(sampler, sd.schedule, scheduler_config, steps)
   fn = jax.jit(sampling.sample_fn_for_model(sd, plan, 7.5))
   params = jax.device_put({k: sd.params[k] for k in ("text_encoder", "unet", "vae")})
@@ -62,7 +62,7 @@ def main():
   p.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/...)")
   a = p.parse_args()
   import jax  # pylint: disable=g-import-not-at-top
-  from memjax import tiny  # pylint: disable=g-import-not-at-top
+  from memjax.testing import tiny  # pylint: disable=g-import-not-at-top
   from memjax.models import loading  # pylint: disable=g-import-not-at-top
   out = {"backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()],
          "jax_version": jax.__version__, "cpu_count": os.cpu_count(),

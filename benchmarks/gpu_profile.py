@@ -49,10 +49,11 @@ def main():
   a = p.parse_args()
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from memjax import tiny, whitebox  # pylint: disable=g-import-not-at-top
+  from memjax.testing import tiny  # pylint: disable=g-import-not-at-top
+  from memjax.method import whitebox
   from memjax.models import attention  # pylint: disable=g-import-not-at-top
   from memjax.models import loading  # pylint: disable=g-import-not-at-top
-  from memjax.schedule import Schedule  # pylint: disable=g-import-not-at-top
+  from memjax.method.schedule import Schedule  # pylint: disable=g-import-not-at-top
 
   cfgs = tiny.tiny_configs(a.arch)
   schedule = Schedule.from_config(cfgs["scheduler"])

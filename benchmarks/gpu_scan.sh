@@ -3,7 +3,7 @@
 # Usage on the GPU machine, from the repo root: OUT=/some/dir bash benchmarks/gpu_scan.sh
 # 1. scan_bench accelerator mode: full SD1.5 architecture, random bf16 weights,
 #    cuDNN-or-XLA attention ("auto") against XLA attention, prompts/s and MFU.
-# 2. End to end: a full-size SD1.5-architecture folder written by memjax.tiny,
+# 2. End to end: a full-size SD1.5-architecture folder written by memjax.testing.tiny,
 #    then `python -m memjax.scan` on 12,800 captions in bf16 (real tokenizer,
 #    prefetch thread, shards, manifest).
 set -u -o pipefail
@@ -22,7 +22,7 @@ with open("/tmp/captions.txt", "w") as f:
   for i in range(12800):
     f.write(" ".join(random.choice(words) for _ in range(random.randint(3, 30))) + f" {i}\n")
 PY
-timeout 240 bash -c 'python3 -m memjax.tiny /tmp/sd15 --style=sd15 && python3 -m memjax.scan \
+timeout 240 bash -c 'python3 -m memjax.testing.tiny /tmp/sd15 --style=sd15 && python3 -m memjax.scan \
   --model=/tmp/sd15 --prompts=/tmp/captions.txt --workdir=/tmp/scan_sd15 --dtype=bfloat16 \
   --batch_size=128 --shard_size=2560 --log_interval_s=10 --alsologtostderr' 2>&1 \
   | grep -v "^WARNING\|^W0000" | tail -25 | tee "$OUT/e2e.log"

@@ -4,7 +4,7 @@ CPU mode (the ratio goes into benchmarks/RESULTS.md):
 
     python benchmarks/scan_bench.py --mode=cpu --models=tiny,medium --batch_sizes=1,8,32
 
-builds tiny random SD folders with `memjax.tiny`, and in one run times, per model
+builds tiny random SD folders with `memjax.testing.tiny`, and in one run times, per model
 and batch size: memjax's jitted score (compile time separately), PyTorch diffusers
 computing the same DCS the reference's way (CFG pair per prompt) and PyTorch with
 the unconditional output computed once (memjax's formulation), on the same folder.
@@ -41,7 +41,7 @@ def _jax_scorer(text, unet, text_params, unet_params, schedule, latent_hwc, batc
   """Jitted memjax score on one device; returns (step(ids), compile_s, flops)."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from memjax import whitebox  # pylint: disable=g-import-not-at-top
+  from memjax.method import whitebox  # pylint: disable=g-import-not-at-top
   # On the device once, as memjax.scan does: numpy params (the loader's memory-mapped
   # views) would be copied to the device on every call.
   text_params, unet_params = jax.device_put((text_params, unet_params))
@@ -71,9 +71,9 @@ def _jax_scorer(text, unet, text_params, unet_params, schedule, latent_hwc, batc
 
 def cpu_mode(args):
   import torch  # pylint: disable=g-import-not-at-top
-  from memjax import tiny  # pylint: disable=g-import-not-at-top
+  from memjax.testing import tiny  # pylint: disable=g-import-not-at-top
   from memjax.models import loading  # pylint: disable=g-import-not-at-top
-  from memjax.torch_reference import TorchWhitebox  # pylint: disable=g-import-not-at-top
+  from memjax.testing.torch_reference import TorchWhitebox  # pylint: disable=g-import-not-at-top
   torch.set_num_threads(os.cpu_count())
   rows = []
   for name in args.models.split(","):
@@ -109,10 +109,10 @@ def cpu_mode(args):
 def accelerator_mode(args):
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from memjax import tiny  # pylint: disable=g-import-not-at-top
+  from memjax.testing import tiny  # pylint: disable=g-import-not-at-top
   from memjax.models import attention  # pylint: disable=g-import-not-at-top
   from memjax.models import loading  # pylint: disable=g-import-not-at-top
-  from memjax.schedule import Schedule  # pylint: disable=g-import-not-at-top
+  from memjax.method.schedule import Schedule  # pylint: disable=g-import-not-at-top
   dtype = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}[args.dtype]
   cfgs = tiny.tiny_configs(args.arch)
   schedule = Schedule.from_config(cfgs["scheduler"])

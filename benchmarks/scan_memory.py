@@ -30,7 +30,7 @@ def main():
   tmp = tempfile.mkdtemp()
   env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
   model = os.path.join(tmp, "micro")
-  subprocess.run([sys.executable, "-m", "memjax.tiny", model, "--style=micro"], env=env,
+  subprocess.run([sys.executable, "-m", "memjax.testing.tiny", model, "--style=micro"], env=env,
                  check=True, capture_output=True)
   words = "a red blue old new photo painting of the cat dog car house tree city night".split()
   rng = random.Random(0)

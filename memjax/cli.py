@@ -19,7 +19,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from memjax.errors import MemjaxError
+from memjax.runtime.errors import MemjaxError
 
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", None,

@@ -24,14 +24,14 @@ SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "dat
 @pytest.fixture(scope="session")
 def tiny_sd1(tmp_path_factory):
   """A tiny random SD1-style folder (eps, conv projections, quick_gelu)."""
-  from memjax import tiny  # pylint: disable=g-import-not-at-top
+  from memjax.testing import tiny  # pylint: disable=g-import-not-at-top
   return tiny.build_tiny_model(str(tmp_path_factory.mktemp("models") / "sd1"), "sd1", seed=0)
 
 
 @pytest.fixture(scope="session")
 def tiny_sd2(tmp_path_factory):
   """A tiny random SD2-style folder (v-prediction, linear projections, gelu)."""
-  from memjax import tiny  # pylint: disable=g-import-not-at-top
+  from memjax.testing import tiny  # pylint: disable=g-import-not-at-top
   return tiny.build_tiny_model(str(tmp_path_factory.mktemp("models") / "sd2"), "sd2", seed=1)
 
 

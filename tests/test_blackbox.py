@@ -15,13 +15,13 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from memjax import blackbox
-from memjax import edges
-from memjax import images as images_lib
-from memjax import onestep
-from memjax import results
-from memjax import whitebox
-from memjax.errors import InputError
+from memjax.stages import blackbox
+from memjax.method import edges
+from memjax.data import images as images_lib
+from memjax.method import onestep
+from memjax.runtime import results
+from memjax.method import whitebox
+from memjax.runtime.errors import InputError
 from memjax.models import loading
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,7 +35,7 @@ def _read(workdir):
 
 @pytest.mark.parametrize("style", ["sd1", "sd2"])
 def test_onestep_images_equal_pytorch_diffusers(style, tiny_sd1, tiny_sd2):
-  from memjax.torch_reference import TorchWhitebox  # pylint: disable=g-import-not-at-top
+  from memjax.testing.torch_reference import TorchWhitebox  # pylint: disable=g-import-not-at-top
   model = {"sd1": tiny_sd1, "sd2": tiny_sd2}[style]
   sd = loading.load_stable_diffusion(model)
   z = np.random.default_rng(3).standard_normal((2, 4, 16, 16)).astype(np.float32)

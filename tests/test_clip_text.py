@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from memjax.errors import ConfigError, InputError
+from memjax.runtime.errors import ConfigError, InputError
 from memjax.models import clip_text
 from memjax.models.convert import torch_to_flax
 

@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from memjax import crosscheck
+from memjax.stages import crosscheck
 
 CAPTIONS = [f"a {a} {b} in the {c}" for a in ("small", "large", "striped") for b in ("cat", "boat")
             for c in ("rain", "sun")]

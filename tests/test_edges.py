@@ -6,7 +6,7 @@ import pytest
 import scipy.ndimage
 from PIL import Image
 
-from memjax import edges
+from memjax.method import edges
 
 
 def _reference_score(img_group):

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from memjax import embed
-from memjax.errors import CheckpointError
-from memjax.errors import InputError
+from memjax.data import embed
+from memjax.runtime.errors import CheckpointError
+from memjax.runtime.errors import InputError
 
 
 def _images(n, seed=0, size=(48, 40)):

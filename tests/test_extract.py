@@ -7,9 +7,9 @@ import sys
 
 import pytest
 
-from memjax import extract
-from memjax import testbed
-from memjax.errors import InputError
+from memjax.stages import extract
+from memjax.testing import testbed
+from memjax.runtime.errors import InputError
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 MICRO = testbed.TestbedSpec(num_unique=40, num_mv=4, mv_copies=10, num_tv_groups=1,

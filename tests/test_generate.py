@@ -9,9 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from memjax import generate
-from memjax import results
-from memjax.errors import InputError
+from memjax.stages import generate
+from memjax.runtime import results
+from memjax.runtime.errors import InputError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CAPTIONS = ["a red cat", "", "a blue car", "a green house", "a tree", "a dog on a beach"]

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from memjax import labels
-from memjax import masks
-from memjax.errors import InputError
+from memjax.method import labels
+from memjax.method import masks
+from memjax.runtime.errors import InputError
 
 N = 256
 

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from memjax.errors import CheckpointError, ConfigError
+from memjax.runtime.errors import CheckpointError, ConfigError
 from memjax.models import checkpoint
 from memjax.models import loading
 

@@ -12,8 +12,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from memjax import masks
-from memjax.errors import InputError
+from memjax.method import masks
+from memjax.runtime.errors import InputError
 
 N = 256
 

@@ -16,9 +16,9 @@ import pyarrow.parquet as pq
 import pytest
 from scipy.stats import mannwhitneyu
 
-from memjax import metrics
-from memjax import results
-from memjax.errors import InputError
+from memjax.stages import metrics
+from memjax.runtime import results
+from memjax.runtime.errors import InputError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

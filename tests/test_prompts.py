@@ -8,8 +8,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from memjax import prompts
-from memjax.errors import InputError
+from memjax.data import prompts
+from memjax.runtime.errors import InputError
 
 DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
 
@@ -253,7 +253,7 @@ def test_public_prompt_lists(name, rows, columns):
 
 _MEASURE = """
 import sys
-from memjax import prompts
+from memjax.data import prompts
 
 def rss_mb():  # resident memory now; ru_maxrss would include start-up peaks
   with open("/proc/self/status") as f:

@@ -11,9 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from memjax import report
-from memjax import results
-from memjax.errors import InputError
+from memjax.stages import report
+from memjax.runtime import results
+from memjax.runtime.errors import InputError
 
 CHROMIUM = "/usr/bin/chromium"
 N, K = 12, 5

@@ -10,9 +10,9 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from memjax import progress
-from memjax import results
-from memjax.errors import InputError
+from memjax.runtime import progress
+from memjax.runtime import results
+from memjax.runtime.errors import InputError
 
 
 def _shard(start, stop, scores=None, status="ok"):

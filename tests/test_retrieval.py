@@ -8,9 +8,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from memjax import index as index_lib
-from memjax import retrieval
-from memjax.errors import InputError
+from memjax.stages import index as index_lib
+from memjax.data import retrieval
+from memjax.runtime.errors import InputError
 
 
 pytestmark = pytest.mark.usefixtures("one_faiss_thread")  # conftest.py
@@ -156,7 +156,7 @@ def test_index_run_records_missing_and_resumes(tmp_path):
   assert meta["index"].to_pylist() == [100, 101, 102, 103, 104]
   assert all(os.path.isabs(p) for p in meta["image_path"].to_pylist())
   # An image is its own nearest neighbour.
-  from memjax import embed  # pylint: disable=g-import-not-at-top
+  from memjax.data import embed  # pylint: disable=g-import-not-at-top
   e = embed.load_embedder("random")
   image, _, _ = retrieval.open_image(meta["image_path"][3].as_py())
   _, ids = store.search(e.embed([image]), 2)

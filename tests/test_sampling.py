@@ -14,10 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from memjax import sampling
-from memjax.errors import ConfigError
+from memjax.method import sampling
+from memjax.runtime.errors import ConfigError
 from memjax.models import loading
-from memjax.schedule import Schedule
+from memjax.method.schedule import Schedule
 
 PROMPTS = ["a red cat on a table", "a blue car"]
 STEPS = 6

@@ -12,8 +12,8 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from memjax import scan
-from memjax.errors import InputError
+from memjax.stages import scan
+from memjax.runtime.errors import InputError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CAPTIONS = [f"a {c} {o} on a {s}" for c in ("red", "blue", "green") for o in ("cat", "car", "house")
@@ -42,7 +42,7 @@ def _maxrel(a, b):
 
 @pytest.mark.parametrize("style", ["sd1", "sd2"])
 def test_dcs_equals_pytorch_diffusers(style, tiny_sd1, tiny_sd2, tmp_path):
-  from memjax.torch_reference import TorchWhitebox  # pylint: disable=g-import-not-at-top
+  from memjax.testing.torch_reference import TorchWhitebox  # pylint: disable=g-import-not-at-top
   model = {"sd1": tiny_sd1, "sd2": tiny_sd2}[style]
   z = np.random.default_rng(3).standard_normal((2, 4, 16, 16)).astype(np.float32)
   np.save(tmp_path / "z.npy", z)

@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 from scipy import stats
 
-from memjax import testbed
+from memjax.testing import testbed
 
 SPEC = testbed.TestbedSpec(seed=3, num_unique=30, num_mv=4, mv_copies=7, num_tv_groups=2,
                            tv_members=3, tv_copies=5, num_rv=2, rv_captions=3, rv_copies=4,

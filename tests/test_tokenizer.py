@@ -12,8 +12,8 @@ import shutil
 import numpy as np
 import pytest
 
-from memjax import tokenizer
-from memjax.errors import ConfigError, InputError
+from memjax.data import tokenizer
+from memjax.runtime.errors import ConfigError, InputError
 
 DATA_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
 SD1_PAD, SD2_PAD = "<|endoftext|>", "!"

@@ -12,8 +12,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from memjax import train
-from memjax.errors import ConfigError
+from memjax.testing import training as train
+from memjax.runtime.errors import ConfigError
 from memjax.models import loading
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
@@ -77,9 +77,9 @@ def test_unknown_flag_in_flagfile(tmp_path):
                     reason="shipped testbed model not built")
 def test_shipped_model_diffusers_and_torch_parity(tmp_path):
   from diffusers import StableDiffusionPipeline  # pylint: disable=g-import-not-at-top
-  from memjax import noise as noise_lib  # pylint: disable=g-import-not-at-top
-  from memjax import scan  # pylint: disable=g-import-not-at-top
-  from memjax.torch_reference import TorchWhitebox  # pylint: disable=g-import-not-at-top
+  from memjax.method import noise as noise_lib  # pylint: disable=g-import-not-at-top
+  from memjax.stages import scan  # pylint: disable=g-import-not-at-top
+  from memjax.testing.torch_reference import TorchWhitebox  # pylint: disable=g-import-not-at-top
   model = os.path.join(SHIPPED, "model")
   pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None)
   img = pipe("velmora carpet sample in red", num_inference_steps=2, output_type="np").images
@@ -108,7 +108,7 @@ def test_shipped_model_diffusers_and_torch_parity(tmp_path):
                     reason="shipped testbed model not built")
 def test_shipped_model_finds_what_was_planted():
   """The correctness harness: the DCS ranks the planted captions as issue 4 asks."""
-  from memjax import testbed  # pylint: disable=g-import-not-at-top
+  from memjax.testing import testbed  # pylint: disable=g-import-not-at-top
   result = testbed.evaluate(SHIPPED)
   with open(os.path.join(SHIPPED, "train_summary.json")) as f:
     recorded = json.load(f)["eval"]

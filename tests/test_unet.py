@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from memjax.errors import ConfigError
+from memjax.runtime.errors import ConfigError
 from memjax.models.convert import torch_to_flax
 from memjax.models.unet import UNet2DConditionModel, UNetConfig
 

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from memjax.errors import ConfigError
+from memjax.runtime.errors import ConfigError
 from memjax.models.convert import flatten, torch_to_flax
 from memjax.models.vae import AutoencoderKL, VAEConfig
 

@@ -15,9 +15,9 @@ import pytest
 import scipy.ndimage
 from PIL import Image
 
-from memjax import index as index_lib
-from memjax import verify
-from memjax.errors import InputError
+from memjax.stages import index as index_lib
+from memjax.stages import verify
+from memjax.runtime.errors import InputError
 
 SIZE = 256
 SQUARE = (slice(60, 140), slice(90, 170))  # 80 x 80 pixels: the template's varying part
@@ -166,7 +166,7 @@ def test_templates_are_stored_and_match_the_rule(synthetic):
 
 
 def test_thresholds_are_flags(synthetic):
-  from memjax import labels  # pylint: disable=g-import-not-at-top
+  from memjax.method import labels  # pylint: disable=g-import-not-at-top
   _, rows, _ = _run(synthetic, "out_strict", thresholds=labels.Thresholds(tv=1.0, mv=2500.0,
                                                                            rv=1.0))
   assert {pid: r["overfit_type"] for pid, r in rows.items()} == {0: "MV", 1: "N", 2: "N", 3: "N",

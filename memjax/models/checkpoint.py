@@ -15,7 +15,7 @@ from typing import Dict, Tuple
 import ml_dtypes
 import numpy as np
 
-from memjax.errors import CheckpointError
+from memjax.runtime.errors import CheckpointError
 
 _DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16,

@@ -23,7 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from memjax.errors import ConfigError, InputError
+from memjax.runtime.errors import ConfigError, InputError
 from memjax.models.attention import multi_head_attention
 
 _MODEL_TYPE = "clip_text_model"

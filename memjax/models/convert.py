@@ -22,7 +22,7 @@ from typing import Callable, Dict, Mapping, Sequence, Tuple
 
 import numpy as np
 
-from memjax.errors import CheckpointError
+from memjax.runtime.errors import CheckpointError
 
 Path = Tuple[str, ...]
 

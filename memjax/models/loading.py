@@ -23,14 +23,14 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from memjax.errors import ConfigError
+from memjax.runtime.errors import ConfigError
 from memjax.models import checkpoint
 from memjax.models import clip_text
 from memjax.models import convert
 from memjax.models import unet as unet_lib
 from memjax.models import vae as vae_lib
-from memjax.schedule import Schedule
-from memjax.tokenizer import CLIPTokenizer
+from memjax.method.schedule import Schedule
+from memjax.data.tokenizer import CLIPTokenizer
 
 COMPONENTS = ("unet", "vae", "text_encoder")
 _NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}

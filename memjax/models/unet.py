@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from memjax.errors import ConfigError
+from memjax.runtime.errors import ConfigError
 from memjax.models import unet_blocks as blocks
 
 _CROSS_DOWN, _DOWN = "CrossAttnDownBlock2D", "DownBlock2D"

@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from memjax.errors import ConfigError
+from memjax.runtime.errors import ConfigError
 from memjax.models.attention import multi_head_attention
 
 # diffusers' Encoder/Decoder pass resnet_eps=1e-6 to every GroupNorm and to the

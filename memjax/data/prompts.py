@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from memjax.errors import InputError
+from memjax.runtime.errors import InputError
 
 PROMPT_ID = "prompt_id"
 _BOM = b"\xef\xbb\xbf"

@@ -21,7 +21,7 @@ from typing import Dict, Optional
 
 import numpy as np
 
-from memjax import tokenizer as tokenizer_lib
+from memjax.data import tokenizer as tokenizer_lib
 from memjax.models import convert
 from memjax.models import loading
 from memjax.models import saving

@@ -13,7 +13,7 @@ from typing import List, Optional, Sequence, Tuple
 import jax
 import numpy as np
 
-from memjax.errors import InputError
+from memjax.runtime.errors import InputError
 
 
 def noise_for_seeds(seeds: Sequence[int], shape_chw: Tuple[int, int, int]) -> np.ndarray:

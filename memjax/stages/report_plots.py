@@ -9,7 +9,7 @@ from typing import Dict, List, Sequence
 
 import numpy as np
 
-from memjax import metrics as metrics_lib
+from memjax.stages import metrics as metrics_lib
 
 _COLORS = {"MV": "#d62728", "TV": "#9467bd", "RV": "#ff7f0e", "N": "#1f77b4",
            "unique": "#1f77b4", "heldout": "#2ca02c"}

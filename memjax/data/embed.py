@@ -28,8 +28,8 @@ from typing import Dict, List, Optional, Sequence
 from absl import flags
 import numpy as np
 
-from memjax.errors import CheckpointError
-from memjax.errors import InputError
+from memjax.runtime.errors import CheckpointError
+from memjax.runtime.errors import InputError
 
 RANDOM = "random"
 RANDOM_SEED = 0

@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import scipy.ndimage
 
-from memjax.errors import InputError
+from memjax.runtime.errors import InputError
 
 SSE_LOW = 100.0
 SSE_HIGH = 1000.0

@@ -28,8 +28,8 @@ from PIL import Image
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from memjax import results
-from memjax.errors import InputError
+from memjax.runtime import results
+from memjax.runtime.errors import InputError
 
 IMAGE_SIZE = 256  # ALGORITHMS.md section 4: 256 x 256 x 3 in [0, 1]
 INDEX_FILE = "faiss.index"
@@ -83,7 +83,7 @@ def build_index(factory: str, chunks: Sequence, dim: int, nprobe: Optional[int] 
       all of them (the index is trained once; the rest are only added).
     seed: of that draw.
   """
-  from memjax.embed import l2_normalize  # pylint: disable=g-import-not-at-top
+  from memjax.data.embed import l2_normalize  # pylint: disable=g-import-not-at-top
   as_array = lambda c: load_chunk(c) if isinstance(c, Chunk) else np.asarray(c, np.float32)
   index = new_index(factory, dim)
   if not index.is_trained:
@@ -115,7 +115,7 @@ def search(index: faiss.Index, queries: np.ndarray, k: int) -> Tuple[np.ndarray,
 
   Best first; id -1 (similarity -inf) where the index holds fewer than k.
   """
-  from memjax.embed import l2_normalize  # pylint: disable=g-import-not-at-top
+  from memjax.data.embed import l2_normalize  # pylint: disable=g-import-not-at-top
   if k < 1:
     raise InputError(f"--k must be >= 1, got {k}")
   if len(queries) == 0:

@@ -9,7 +9,7 @@ import os
 
 import numpy as np
 
-from memjax.errors import ConfigError
+from memjax.runtime.errors import ConfigError
 
 _SUPPORTED_SCHEDULES = ("scaled_linear", "linear")
 _SUPPORTED_PREDICTIONS = ("epsilon", "v_prediction")

@@ -33,8 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from memjax.errors import ConfigError
-from memjax.schedule import Schedule
+from memjax.runtime.errors import ConfigError
+from memjax.method.schedule import Schedule
 
 SAMPLERS = ("heun", "ddim")
 # DDIMScheduler.__init__ defaults (diffusers 0.42.1), for keys a config omits.

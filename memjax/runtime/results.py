@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from memjax.errors import InputError
+from memjax.runtime.errors import InputError
 
 PROMPT_ID = "prompt_id"
 _PART = re.compile(r"^part-(\d{12})-(\d{12})\.parquet$")

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from memjax.schedule import Schedule
+from memjax.method.schedule import Schedule
 
 
 def timestep_constants(schedule: Schedule, t: int) -> Dict[str, float]:

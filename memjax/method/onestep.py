@@ -31,8 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from memjax import whitebox
-from memjax.schedule import Schedule
+from memjax.method import whitebox
+from memjax.method.schedule import Schedule
 
 TIMESTEP = 999  # x_T = sigma(999) * z, the reference's first (and only) step
 

@@ -35,9 +35,9 @@ import unicodedata
 import numpy as np
 import regex
 
-from memjax.errors import ConfigError, InputError
+from memjax.runtime.errors import ConfigError, InputError
 
-_ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
+_ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
 CLIP_MERGES_PATH = os.path.join(_ASSETS, "bpe_simple_vocab_16e6.txt.gz")
 # CLIP reads merges[1 : 49152 - 256 - 2 + 1] of its file (line 0 is a header).
 CLIP_NUM_MERGES = 49152 - 256 - 2

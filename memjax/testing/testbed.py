@@ -348,8 +348,8 @@ def evaluate(folder: str, guidance_scale: float = 7.5, seeds=EVAL_SEEDS, batch: 
   import jax.numpy as jnp
   import pyarrow.parquet as pq
   from PIL import Image
-  from memjax import noise as noise_lib
-  from memjax import whitebox
+  from memjax.method import noise as noise_lib
+  from memjax.method import whitebox
   from memjax.models import loading
   # pylint: enable=g-import-not-at-top
   seeds = [int(s) for s in seeds]

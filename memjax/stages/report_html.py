@@ -8,7 +8,7 @@ import datetime
 import html
 from typing import Dict, List, Optional, Sequence
 
-from memjax import progress
+from memjax.runtime import progress
 
 _CSS = """
 body{font-family:sans-serif;margin:1.5em;color:#222;max-width:1400px}

@@ -26,8 +26,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from memjax import prompts as prompts_lib
-from memjax.errors import InputError
+from memjax.data import prompts as prompts_lib
+from memjax.runtime.errors import InputError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 PROMPT_FILE = "prompt.txt"
@@ -98,7 +98,7 @@ def read_image(path: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageRead:
 def write_image_table(workdir: str, shard_dir: str) -> int:
   """WORKDIR/images.parquet: one row (prompt_id, caption, seed, path) per PNG that
   the shards in shard_dir list (columns gen_seeds, image_paths); returns the count."""
-  from memjax import results  # pylint: disable=g-import-not-at-top
+  from memjax.runtime import results  # pylint: disable=g-import-not-at-top
   data = results.open_shards(shard_dir).to_table(
       columns=["prompt_id", "caption", "gen_seeds", "image_paths"])
   data = data.filter(pc.is_valid(data["image_paths"]))
@@ -255,7 +255,7 @@ def score_group(group: ImageGroup, threshold: float, consistency: float,
   to RGB) or "ok_skipped_images" (scored on the usable ones; `image_status`
   says why the others were skipped).
   """
-  from memjax import edges  # pylint: disable=g-import-not-at-top
+  from memjax.method import edges  # pylint: disable=g-import-not-at-top
   statuses, details, resized = [], [], []
   for path in group.paths:
     read = read_image(path, max_pixels)

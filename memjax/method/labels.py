@@ -26,7 +26,7 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
-from memjax.errors import InputError
+from memjax.runtime.errors import InputError
 
 LABEL_ORDER = ("TV", "MV", "RV", "N")
 IMAGE_SIZE = 256

@@ -1,0 +1,392 @@
+"""Ground-truth labels of generated images: retrieval, template masks, TV/MV/RV/N.
+
+    python -m memjax.verify --generated=GEN_WORKDIR --index=INDEX_DIR --workdir=DIR [--k=16]
+
+ALGORITHMS.md section 4. GEN_WORKDIR is a `memjax.generate` output:
+`generated.parquet` (one row per generated image: `prompt_id`, `caption`, `seed`,
+`sampler`, `steps`, `image_path` (relative to GEN_WORKDIR or absolute) and the
+prompt table's columns, e.g. `index`, `url`, `scores`, `edge_scores`). INDEX_DIR
+is a `memjax.index` workdir. For each prompt:
+
+1. its generated images are embedded with the index's encoder and the k nearest
+   training images of each are retrieved (FAISS, inner product on unit
+   vectors); the prompt's group is the union, most similar first;
+2. the group's images and the prompt's own training image (found in the index
+   by the prompt's `index`, else by its `url`) are loaded at 256 x 256
+   (Lanczos, no crop); a missing one is recorded, never compared as black;
+3. template masks come from the group's near-duplicate pairs (`memjax.masks`);
+4. the label is TV, MV, RV or N (`memjax.labels`), every threshold a flag.
+
+WORKDIR gets `verify.parquet` (one row per prompt: the reference's columns
+`caption, index, url, scores, edge_scores, overfit_type, gen_seeds,
+retrieved_urls, mse_real_gen, template_indices`, then memjax's own: every
+measured error, matched ids, statuses; see `_row`), `templates/` (each template
+PNG with its mask PNG beside it, listed in `templates/templates.parquet`) and
+`manifest.json`. `mse_real_gen` is, like the reference's thresholds, a SUM of
+squared differences (min over seeds, to the prompt's own image) despite its
+name. A rerun recomputes everything (cheap next to generation) and refuses
+other settings without --overwrite.
+"""
+import collections
+import dataclasses
+import os
+import shutil
+import time
+from typing import Dict, List, Optional
+
+from absl import flags
+from absl import logging
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from PIL import Image
+
+from memjax import cli
+from memjax.data import embed
+from memjax.method import labels as labels_lib
+from memjax.method import masks as masks_lib
+from memjax.runtime import progress as progress_lib
+from memjax.runtime import results
+from memjax.data import retrieval
+from memjax.runtime.errors import InputError
+
+STAGE = "verify"
+GENERATED_TABLE = "generated.parquet"
+OUTPUT_TABLE = "verify.parquet"
+_PER_IMAGE = ("seed", "image_path", "status")  # generated.parquet columns not per prompt
+_REFERENCE_COLUMNS = ("caption", "index", "url", "scores", "edge_scores", "overfit_type",
+                      "gen_seeds", "retrieved_urls", "mse_real_gen", "template_indices")
+_CACHE_IMAGES = 512  # ~400 MB of 256 x 256 x 3 float32 training images
+_EMBED_CHUNK = 256  # generated images decoded at once for the encoder
+
+
+@dataclasses.dataclass
+class VerifyConfig:
+  generated: str
+  index: str
+  workdir: str
+  k: int = 16
+  nprobe: Optional[int] = None
+  embedder: Optional[str] = None  # None: the encoder the index was built with
+  embedder_checkpoint: Optional[str] = None
+  batch_size: int = 32
+  thresholds: labels_lib.Thresholds = labels_lib.Thresholds()
+  template_sse_low: float = masks_lib.SSE_LOW
+  template_sse_high: float = masks_lib.SSE_HIGH
+  template_pixel_tol: float = masks_lib.PIXEL_TOL
+  max_prompts: Optional[int] = None
+  overwrite: bool = False
+
+  def identity(self, index_manifest: Dict) -> Dict:
+    d = dataclasses.asdict(self)
+    for key in ("workdir", "overwrite", "batch_size", "embedder_checkpoint"):
+      d.pop(key)
+    d["generated"], d["index"] = os.path.abspath(self.generated), os.path.abspath(self.index)
+    d["index_ntotal"] = index_manifest.get("ntotal")
+    return d
+
+
+def _embedder(cfg: VerifyConfig, manifest: Dict) -> embed.ImageEmbedder:
+  """The index's encoder (or the one asked for, if it is the same)."""
+  name = cfg.embedder or manifest["embedder"]
+  if name != manifest["embedder"]:
+    raise InputError(f"--embedder={name} but {cfg.index} was built with "
+                     f"{manifest['embedder']}; queries must use the same encoder")
+  checkpoint = cfg.embedder_checkpoint or manifest.get("embedder_checkpoint")
+  embedder = embed.load_embedder(name, checkpoint, cfg.batch_size)
+  built = manifest.get("embedder_identity")
+  if built and built.get("checkpoint") != embedder.identity.get("checkpoint"):
+    raise InputError(f"--embedder_checkpoint={checkpoint} is not the file {cfg.index} was "
+                     f"built with ({built.get('checkpoint')})")
+  if embedder.dim != manifest["dim"]:
+    raise InputError(f"{name} makes {embedder.dim}-wide vectors; {cfg.index} holds "
+                     f"{manifest['dim']}-wide ones")
+  return embedder
+
+
+def _read_generated(cfg: VerifyConfig) -> pa.Table:
+  path = os.path.join(cfg.generated, GENERATED_TABLE)
+  if not os.path.isfile(path):
+    raise InputError(f"--generated={cfg.generated}: no {GENERATED_TABLE} (run memjax.generate)")
+  try:
+    table = pq.read_table(path)
+  except (OSError, pa.ArrowException) as e:
+    raise InputError(f"{path}: cannot read: {e}") from None
+  need = [c for c in ("prompt_id", "seed", "image_path") if c not in table.column_names]
+  if need:
+    raise InputError(f"{path}: missing column(s) {need}; its columns are "
+                     f"{', '.join(table.column_names)}")
+  return table
+
+
+class _ImageCache:
+  """Training images as [256, 256, 3] arrays, by FAISS id, least recently used out."""
+
+  def __init__(self, cache_dir: str):
+    self.cache_dir = cache_dir
+    self.items: "collections.OrderedDict" = collections.OrderedDict()
+
+  def get(self, key, ref: Optional[str]):
+    if key in self.items:
+      self.items.move_to_end(key)
+      return self.items[key]
+    image, status, error = retrieval.open_image(ref, cache_dir=self.cache_dir)
+    item = (retrieval.to_pixels(image) if image is not None else None, status, error)
+    self.items[key] = item
+    if len(self.items) > _CACHE_IMAGES:
+      self.items.popitem(last=False)
+    return item
+
+
+class _OwnImages:
+  """Finds a prompt's own training image in the index, by `index` then `url`."""
+
+  def __init__(self, store: retrieval.IndexStore):
+    self.by_index: Dict = {}
+    self.by_url: Dict = {}
+    tables = [store.training.table()]
+    statuses = store.statuses()
+    if statuses is not None:  # images that were not embedded (missing) are known too
+      tables.append(statuses.filter(pc.not_equal(statuses["status"], "ok")))
+    for table in tables:
+      for row in table.to_pylist():
+        if row.get("index") is not None:
+          self.by_index.setdefault(str(row["index"]), row)
+        if row.get("url"):
+          self.by_url.setdefault(row["url"], row)
+
+  def find(self, index, url) -> Optional[dict]:
+    if index is not None and str(index) in self.by_index:
+      return self.by_index[str(index)]
+    return self.by_url.get(url) if url else None
+
+
+def _key(row: dict):
+  """A training image's id in the output: its `index`, else its FAISS id."""
+  return row["index"] if row.get("index") is not None else row.get("id")
+
+
+def _row(first: dict, prompt_id, result: Optional[labels_lib.LabelResult], extra: Dict) -> Dict:
+  """One output row: the reference's columns first, then memjax's."""
+  refs = extra["matched_refs"]
+  out = {"caption": first.get("caption"), "index": first.get("index"),
+         "url": first.get("url"), "scores": first.get("scores"),
+         "edge_scores": first.get("edge_scores"),
+         "overfit_type": result.label if result else None,
+         "gen_seeds": result.gen_seeds if result else [],
+         "retrieved_urls": refs,
+         "mse_real_gen": result.mv_error if result else None,
+         "template_indices": [str(i) for i in result.tv_matched_ids] if result else [],
+         "prompt_id": prompt_id}
+  if result:
+    row = result.as_row()
+    row.pop("overfit_type")
+    for key in ("matched_ids", "tv_matched_ids", "rv_matched_ids", "missing_ids"):
+      row[key] = [str(i) for i in row[key]]
+    out.update(row)
+  out.update({k: v for k, v in extra.items() if k != "matched_refs"})
+  for name, value in first.items():  # the remaining input columns, kept
+    if name in _PER_IMAGE or name in ("caption", "index", "url", "scores", "edge_scores",
+                                      "prompt_id"):
+      continue
+    out["input_" + name if name in out else name] = value
+  return out
+
+
+def _embed_generated(cfg: VerifyConfig, embedder, store, order, by_prompt):
+  """Loads, embeds and searches every generated image of the prompts in order.
+
+  Returns:
+    images: (prompt_id, seed) -> uint8 [256, 256, 3] (a quarter of float32,
+      kept until the prompt is labelled); statuses: (prompt_id, seed) -> "ok"
+      or why it is missing; neighbours: prompt_id -> {FAISS id: best
+      similarity over the prompt's images}.
+  """
+  images, statuses, keys, vectors, pending = {}, {}, [], [], []
+
+  def flush():
+    vectors.append(embedder.embed([im for _, im in pending]))
+    keys.extend(key for key, _ in pending)
+    pending.clear()
+
+  for pid in order:
+    for r in by_prompt[pid]:
+      path = r["image_path"]
+      if path and not os.path.isabs(path):
+        path = os.path.join(cfg.generated, path)
+      image, status, error = retrieval.open_image(path)
+      if not path and r.get("status") not in (None, "ok"):
+        error = f"not generated ({r['status']})"  # generate's reason, e.g. an empty caption
+      statuses[(pid, r["seed"])] = status if status == "ok" else f"{status}: {error}"
+      if image is not None:
+        images[(pid, r["seed"])] = np.asarray(
+            image.resize((retrieval.IMAGE_SIZE,) * 2, Image.LANCZOS), np.uint8)
+        pending.append(((pid, r["seed"]), image))
+        if len(pending) >= _EMBED_CHUNK:
+          flush()
+  flush()
+  sims, ids = store.search(np.concatenate(vectors), cfg.k)
+  neighbours = collections.defaultdict(dict)
+  for (pid, _), row_sims, row_ids in zip(keys, sims, ids):
+    best = neighbours[pid]
+    for s, i in zip(row_sims, row_ids):
+      if i >= 0 and s > best.get(int(i), -np.inf):
+        best[int(i)] = float(s)
+  return images, statuses, neighbours
+
+
+def _label_prompt(cfg, store, cache, own_images, pid, gen, images, statuses, best):
+  """Retrieved group, templates and label of one prompt -> (row, templates)."""
+  first = gen[0]
+  group_ids = sorted(best, key=lambda i: -best[i])  # most similar first
+  group = store.training.rows(group_ids)
+  loaded = [cache.get(("id", row["id"]), retrieval.image_ref(row)) for row in group]
+  retrieved = [im for im, _, _ in loaded]
+  group_keys = [_key(row) for row in group]
+  refs = [retrieval.image_ref(row) for row in group]
+  templates = masks_lib.templates_for_group(
+      retrieved, group_keys, group=pid, sse_low=cfg.template_sse_low,
+      sse_high=cfg.template_sse_high, pixel_tol=cfg.template_pixel_tol)
+  own_row = own_images.find(first.get("index"), first.get("url"))
+  own_ref = retrieval.image_ref(own_row) if own_row else first.get("url")
+  own, own_status, own_error = cache.get(("ref", own_ref), own_ref)
+  present = [r["seed"] for r in gen if (pid, r["seed"]) in images]
+  result, matched_refs = None, []
+  if present:
+    generated = np.stack([images[(pid, s)] for s in present]).astype(np.float32) / 255.0
+    result = labels_lib.label_prompt(generated, own, retrieved, templates,
+                                     own_id=first.get("index"), retrieved_ids=group_keys,
+                                     seeds=present, thresholds=cfg.thresholds)
+    ref_of = dict(zip(map(str, group_keys), refs))
+    matched_refs = ([own_ref] if result.label == "MV" else
+                    [ref_of.get(str(i)) for i in result.matched_ids])
+  extra = {
+      "verify_status": "ok" if result else "no_generated_images",
+      "gen_status": [statuses[(pid, r["seed"])] for r in gen],
+      "own_ref": own_ref, "own_load_status": own_status, "own_error": own_error or None,
+      "own_in_index": own_row is not None and own_row.get("id") is not None,
+      "retrieved_ids": [str(k) for k in group_keys], "retrieved_refs": refs,
+      "retrieved_similarity": [best[i] for i in group_ids],
+      "retrieved_status": [s for _, s, _ in loaded],
+      "template_count": len(templates), "matched_refs": matched_refs}
+  return _row(first, pid, result, extra), templates
+
+
+def run(cfg: VerifyConfig) -> Dict:
+  """Labels every prompt of cfg.generated; returns the manifest."""
+  t_start = time.perf_counter()
+  if cfg.k < 1:
+    raise InputError(f"--k must be >= 1, got {cfg.k}")
+  table = _read_generated(cfg)
+  store = retrieval.IndexStore(cfg.index, cfg.nprobe)
+  embedder = _embedder(cfg, store.manifest)
+  results.check_run_config(cfg.workdir, cfg.identity(store.manifest), cfg.overwrite, stage=STAGE)
+  by_prompt = collections.defaultdict(list)
+  for r in table.to_pylist():
+    by_prompt[r["prompt_id"]].append(r)
+  order = list(by_prompt)[:cfg.max_prompts]  # in table order
+
+  t0 = time.perf_counter()
+  images, statuses, neighbours = _embed_generated(cfg, embedder, store, order, by_prompt)
+  embed_search_s = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  cache = _ImageCache(os.path.join(cfg.workdir, "image_cache"))
+  own_images = _OwnImages(store)
+  out_rows, all_templates, counts = [], [], collections.Counter()
+  progress = progress_lib.Progress(len(order), what="prompts labelled", interval_s=30.0)
+  for pid in order:
+    row, templates = _label_prompt(cfg, store, cache, own_images, pid, by_prompt[pid], images,
+                                   statuses, neighbours[pid])
+    for seed in (r["seed"] for r in by_prompt[pid]):
+      images.pop((pid, seed), None)  # labelled: free its pixels
+    out_rows.append(row)
+    all_templates.extend(templates)
+    counts[row["overfit_type"] or "none"] += 1
+    progress.update(1)
+  label_s = time.perf_counter() - t0
+  return _write(cfg, store, embedder, out_rows, all_templates, counts, {
+      "embed_search_s": embed_search_s, "label_s": label_s,
+      "generated_images": len(statuses), "total_s": time.perf_counter() - t_start})
+
+
+_TYPES = {"scores": pa.float64(), "edge_scores": pa.float64(), "overfit_type": pa.string(),
+          "gen_seeds": pa.list_(pa.int64()), "retrieved_urls": pa.list_(pa.string()),
+          "mse_real_gen": pa.float64(), "template_indices": pa.list_(pa.string())}
+
+
+def _to_table(out_rows: List[Dict]) -> pa.Table:
+  """Rows -> table; a key absent from some rows is null there; the reference's
+  columns get fixed types (an all-empty list column would be list<null>)."""
+  names = list(dict.fromkeys(k for r in out_rows for k in r)) or list(_REFERENCE_COLUMNS)
+  columns = {}
+  for name in names:
+    values = [r.get(name) for r in out_rows]
+    columns[name] = pa.array(values, type=_TYPES.get(name))
+  return pa.table(columns)
+
+
+def _write(cfg, store, embedder, out_rows, templates, counts, timings) -> Dict:
+  os.makedirs(cfg.workdir, exist_ok=True)
+  folder = os.path.join(cfg.workdir, "templates")
+  shutil.rmtree(folder, ignore_errors=True)  # every run writes them all; no stale PNGs
+  template_table = masks_lib.save_templates(folder, templates)
+  table = _to_table(out_rows)
+  path = os.path.join(cfg.workdir, OUTPUT_TABLE)
+  tmp = f"{path}.{os.getpid()}.tmp"
+  pq.write_table(table, tmp)
+  os.replace(tmp, path)
+  manifest = {
+      "stage": STAGE, "prompts": len(out_rows), "labels": dict(sorted(counts.items())),
+      "thresholds": dataclasses.asdict(cfg.thresholds), "k": cfg.k,
+      "templates": len(templates), "templates_table": template_table, "output": path,
+      "index": {k: store.manifest.get(k) for k in ("ntotal", "dim", "index_factory", "nprobe",
+                                                   "embedder")},
+      "embedder_identity": embedder.identity, "config": {
+          k: v for k, v in dataclasses.asdict(cfg).items() if k != "thresholds"},
+      "timings": timings}
+  results.write_json_atomic(os.path.join(cfg.workdir, "manifest.json"), manifest)
+  logging.info("verify: %d prompts, labels %s", len(out_rows), manifest["labels"])
+  return manifest
+
+
+# ---- command line -----------------------------------------------------------------
+
+_GENERATED = flags.DEFINE_string("generated", None, "memjax.generate workdir (generated.parquet).")
+_INDEX = flags.DEFINE_string("index", None, "memjax.index workdir (FAISS index + metadata).")
+_K = flags.DEFINE_integer("k", 16, "Nearest training images retrieved per generated image.")
+_TV = flags.DEFINE_float("tv_threshold", 2500.0, "TV: masked SSE / mean(mask) below this.")
+_MV = flags.DEFINE_float("mv_threshold", 2500.0, "MV: SSE to the own training image below this.")
+_RV = flags.DEFINE_float("rv_threshold", 3000.0, "RV: SSE to a retrieved image below this.")
+_SSE_LO = flags.DEFINE_float("template_sse_low", masks_lib.SSE_LOW,
+                             "Template pair: SSE above this (not identical).")
+_SSE_HI = flags.DEFINE_float("template_sse_high", masks_lib.SSE_HIGH,
+                             "Template pair: SSE below this (near-identical).")
+_TOL = flags.DEFINE_float("template_pixel_tol", masks_lib.PIXEL_TOL,
+                          "Template mask: summed |q - c| over channels below this.")
+
+
+def _config_from_flags() -> VerifyConfig:
+  f = cli.common_flag_values(required=("workdir",))
+  if not _GENERATED.value or not _INDEX.value:
+    raise InputError("--generated=GEN_WORKDIR and --index=INDEX_DIR are required")
+  given = lambda flag: flag.value if flags.FLAGS[flag.name].present else None
+  return VerifyConfig(
+      generated=_GENERATED.value, index=_INDEX.value, workdir=f["workdir"], k=_K.value,
+      nprobe=retrieval.NPROBE_FLAG.value, embedder=given(embed.EMBEDDER_FLAG),
+      embedder_checkpoint=embed.CHECKPOINT_FLAG.value, batch_size=f["batch_size"],
+      thresholds=labels_lib.Thresholds(_TV.value, _MV.value, _RV.value),
+      template_sse_low=_SSE_LO.value, template_sse_high=_SSE_HI.value,
+      template_pixel_tol=_TOL.value, max_prompts=f["max_prompts"], overwrite=f["overwrite"])
+
+
+def main(argv):
+  del argv
+  cfg = _config_from_flags()
+  m = run(cfg)
+  print(f"verify done: {m['prompts']} prompts, labels {m['labels']}, {m['templates']} "
+        f"templates; results in {os.path.join(cfg.workdir, OUTPUT_TABLE)}")
+
+
+if __name__ == "__main__":
+  cli.run_main(main)
