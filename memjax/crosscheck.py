@@ -1,6 +1,32 @@
-"""python -m memjax.crosscheck (temporary shim during the restructure)."""
-from memjax import cli
-from memjax.stages.crosscheck import main
+"""python -m memjax.crosscheck: memjax's scores against PyTorch diffusers' on the same
+folder and noise.
+
+    python -m memjax.crosscheck --model=DIR --prompts=FILE --workdir=DIR [--n=64] \\
+      [--dtype=float32|bfloat16] [--seeds=0] [--noise=FILE.npy] [--blackbox]
+
+Results in WORKDIR/crosscheck/ (`memjax.stages.crosscheck`); needs memjax[reference].
+"""
+import os
+
+from memjax.cli import command
+from memjax.cli import options
+from memjax.cli.options import Opt
+from memjax.stages import crosscheck
+
+OPTIONS = options.common("model", "prompts", "workdir") + [
+    Opt("n", "Number of captions to cross-check."),
+] + options.common("prompt_column", "csv_delimiter", "seeds", "guidance_scale", "dtype",
+                   "attention", "noise", "batch_size") + [
+    Opt("blackbox", "Also compare the one-step images (4 seeds unless --seeds names 2 or "
+        "more) and their edge scores."),
+]
+define, build = command.simple(crosscheck.CrossCheckConfig, OPTIONS)
+
+
+def summary(m) -> str:
+  return (f"{m.details['verdict']}\ndetails: "
+          f"{os.path.join(m.config['workdir'], crosscheck.STAGE, 'manifest.json')}")
+
 
 if __name__ == "__main__":
-  cli.run_main(main)
+  command.main(define, build, crosscheck.run, summary)

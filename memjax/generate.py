@@ -1,6 +1,39 @@
-"""python -m memjax.generate (temporary shim during the restructure)."""
-from memjax import cli
-from memjax.stages.generate import main
+"""python -m memjax.generate: multi-step regeneration (Heun or DDIM) for ground truth.
+
+    python -m memjax.generate --model=DIR --prompts=FILE_OR_WORKDIR --workdir=DIR \\
+        [--sampler=heun|ddim] [--steps=32] [--seeds=0,1,2,3] [--top_k=N]
+
+docs/method.md section 4. Given a workdir as --prompts, its blackbox's top K by
+`edge_scores` (else its scan's by `scores`) are regenerated. Results in
+WORKDIR/generate/ (`memjax.stages.generate`).
+"""
+import os
+
+from memjax.cli import command
+from memjax.cli import options
+from memjax.cli.options import Opt
+from memjax.method import sampling
+from memjax.stages import generate
+
+OPTIONS = options.common(
+    "model", "prompts", "workdir", "prompt_column", "csv_delimiter", "batch_size", "seeds",
+    "guidance_scale", "dtype", "attention", "noise", "max_prompts", "top_k", "shard_size",
+    "overwrite", "log_interval_s", "devices") + [
+        Opt("sampler", "Multi-step sampler: k-diffusion Heun (the reference) or DDIM.",
+            choices=sampling.SAMPLERS),
+        Opt("steps", "Sampler steps (Heun: 2 * steps - 1 UNet calls)."),
+        Opt("sigma_interpolation", "Heun's sigmas: linear (diffusers' LMS list, the "
+            "reference) or log (k-diffusion's get_sigmas).", choices=("linear", "log")),
+    ]
+define, build = command.simple(generate.GenerateConfig, OPTIONS)
+
+
+def summary(m) -> str:
+  return (f"generate done: {m.counts['images']} images of {m.counts['prompts']} prompts "
+          f"({m.details['sampler']}, {m.details['steps']} steps), {m.rate or 0.0:.2f} "
+          f"images/s; table "
+          f"{os.path.join(m.config['workdir'], generate.STAGE, 'generated.parquet')}")
+
 
 if __name__ == "__main__":
-  cli.run_main(main)
+  command.main(define, build, generate.run, summary)

@@ -1,6 +1,33 @@
-"""python -m memjax.metrics (temporary shim during the restructure)."""
-from memjax import cli
-from memjax.stages.metrics import main
+"""python -m memjax.metrics: precision@K, ROC AUC, TPR@1%FPR per memorization type.
+
+    python -m memjax.metrics --scores=WORKDIR --labels=TABLE_OR_WORKDIR \\
+      [--label_column=overfit_type] [--positive=MV,RV,TV] [--k_list=10,100,500] \\
+      [--score_columns=scores,wen,edge_scores] [--out=FILE.json | --workdir=DIR --name=NAME]
+
+docs/method.md section 8 (`memjax.stages.metrics`, `memjax.method.detection`).
+"""
+from memjax.cli import command
+from memjax.cli.options import Opt
+from memjax.stages import metrics
+
+OPTIONS = [
+    Opt("scores", "Workdir(s) (their scan and blackbox) or score table(s)."),
+    Opt("labels", "Label table, or a workdir (its verify labels)."),
+    Opt("label_column", "Label column (MV|RV|TV|N)."),
+    Opt("positive", "Labels that count as memorized."),
+    Opt("k_list", "K values of precision@K."),
+    Opt("score_columns", "Score columns (default: those of scores,wen,edge_scores present)."),
+    Opt("prompt_column", "Caption column, to join on captions when the labels have no ids."),
+    Opt("out", "Write the JSON report to this file."),
+    Opt("workdir", "Write the JSON report to WORKDIR/metrics/<name>.json (with a manifest)."),
+    Opt("name", "The report's name in WORKDIR/metrics/."),
+]
+define, build = command.simple(metrics.MetricsConfig, OPTIONS)
+
+
+def summary(report) -> str:
+  return metrics.format_table(report)
+
 
 if __name__ == "__main__":
-  cli.run_main(main)
+  command.main(define, build, metrics.run, summary, devices=False)

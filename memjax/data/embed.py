@@ -1,6 +1,6 @@
 """CLIP image embeddings with open_clip, from a local checkpoint only.
 
-The retrieval side of ground truth (ALGORITHMS.md section 4) embeds training and
+The retrieval side of ground truth (docs/method.md section 5) embeds training and
 generated images with one CLIP image encoder and compares them by inner product
 of L2-normalised vectors. ViT-L/14 with OpenAI's weights matches the
 precomputed LAION-2B-en image embeddings.
@@ -21,13 +21,12 @@ torch and open_clip are imported only in this module, and only when an
 embedder is built.
 """
 import dataclasses
-import hashlib
 import os
 from typing import Dict, List, Optional, Sequence
 
-from absl import flags
 import numpy as np
 
+from memjax.runtime import fingerprint
 from memjax.runtime.errors import CheckpointError
 from memjax.runtime.errors import InputError
 
@@ -42,18 +41,6 @@ _TINY_KWARGS = dict(
     vision_cfg=dict(image_size=32, layers=2, width=64, patch_size=8, head_width=32),
     text_cfg=dict(context_length=8, vocab_size=64, width=32, heads=2, layers=1))
 _PREPROCESS_KEYS = ("mean", "std", "interpolation", "resize_mode")
-
-# Defined here, not in index.py or verify.py, because both entry points read
-# them and absl refuses a flag defined twice in one process.
-EMBEDDER_FLAG = flags.DEFINE_string(
-    "embedder", "ViT-L-14@openai",
-    "open_clip image encoder: ARCH or ARCH@TAG (weights from --embedder_checkpoint; the "
-    "TAG only selects preprocessing and activation, nothing is downloaded), "
-    "random:ARCH (random weights) or random (a tiny random ViT, for tests).")
-CHECKPOINT_FLAG = flags.DEFINE_string(
-    "embedder_checkpoint", None,
-    "Local open_clip checkpoint file for --embedder (.bin, .pt, .pth, .safetensors).")
-
 
 @dataclasses.dataclass(frozen=True)
 class EmbedderSpec:
@@ -106,13 +93,6 @@ def parse_embedder(embedder: str, checkpoint: Optional[str] = None) -> EmbedderS
     raise InputError(f"--embedder_checkpoint={checkpoint}: file does not exist (weights for "
                      f"{embedder}; memjax never downloads them)")
   return EmbedderSpec(arch, tag or None, os.path.abspath(checkpoint))
-
-
-def _file_identity(path: str) -> str:
-  """Name, size and sha256 of the first MiB: cheap, and catches another file."""
-  with open(path, "rb") as f:
-    head = hashlib.sha256(f.read(1 << 20)).hexdigest()
-  return f"{os.path.basename(path)}:{os.path.getsize(path)}:{head}"
 
 
 class ImageEmbedder:
@@ -168,7 +148,7 @@ class ImageEmbedder:
     self.image_size = model_image_size(self.visual)
     self.identity = {
         "embedder": spec.describe(), "random_seed": RANDOM_SEED if spec.random else None,
-        "checkpoint": _file_identity(spec.checkpoint) if spec.checkpoint else None,
+        "checkpoint": fingerprint.file_identity(spec.checkpoint) if spec.checkpoint else None,
         "dim": self.dim, "preprocess": {k: _jsonable(v)
                                         for k, v in self.visual.preprocess_cfg.items()},
         "open_clip_version": open_clip.__version__}

@@ -1,6 +1,6 @@
-"""Nearest training images: FAISS indexes, embedding folders, image loading.
+"""Nearest training images: FAISS indexes and embedding folders.
 
-ALGORITHMS.md section 4: generated images are embedded with CLIP, L2-normalised
+docs/method.md section 5: generated images are embedded with CLIP, L2-normalised
 and searched by inner product (= cosine similarity) among the training images'
 embeddings; the k nearest are then loaded and compared in pixels.
 
@@ -13,37 +13,21 @@ A vector's FAISS id is its row number over all chunks of all sources, in
 order.
 """
 import dataclasses
-import hashlib
-import io
 import os
 import re
-import urllib.parse
-import urllib.request
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from absl import flags
 import faiss
 import numpy as np
-from PIL import Image
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from memjax.runtime import results
+from memjax.runtime import shards
+from memjax.runtime import workdir as workdir_lib
 from memjax.runtime.errors import InputError
 
-IMAGE_SIZE = 256  # ALGORITHMS.md section 4: 256 x 256 x 3 in [0, 1]
-INDEX_FILE = "faiss.index"
-MANIFEST = "manifest.json"
-EMB_DIR, META_DIR, STATUS_DIR = "img_emb", "metadata", "status"
+EMB_DIR, META_DIR = workdir_lib.EMB_DIR, workdir_lib.META_DIR
 _NUMBER = re.compile(r"(\d+)(?=\.[a-z]+$)")
-_HTTP_TIMEOUT_S = 20.0
-
-# Defined here because both memjax.index (build) and memjax.verify (search) take
-# it, and absl refuses a flag defined twice in one process.
-NPROBE_FLAG = flags.DEFINE_integer(
-    "nprobe", None, "IVF lists visited per query (IVF index factories only); verify's "
-    "default: the value the index was built with.")
-
 
 # ---- FAISS -------------------------------------------------------------------
 
@@ -126,10 +110,9 @@ def search(index: faiss.Index, queries: np.ndarray, k: int) -> Tuple[np.ndarray,
 
 
 def save_index(index: faiss.Index, path: str) -> None:
-  """Writes the index under a temporary name, then renames it."""
-  tmp = f"{path}.{os.getpid()}.tmp"
-  faiss.write_index(index, tmp)
-  os.replace(tmp, path)
+  """Writes the index atomically."""
+  data = faiss.serialize_index(index)
+  workdir_lib.write_atomic(path, lambda f: f.write(data.tobytes()))
 
 
 def load_index(path: str, nprobe: Optional[int] = None) -> faiss.Index:
@@ -249,24 +232,25 @@ class TrainingSet:
 
 
 class IndexStore:
-  """A `memjax.index` workdir: the FAISS index, its metadata and manifest."""
+  """A `memjax.index` stage folder: the FAISS index, its metadata and manifest."""
 
-  def __init__(self, directory: str, nprobe: Optional[int] = None):
-    self.directory = directory
-    path = os.path.join(directory, MANIFEST)
+  def __init__(self, location: str, nprobe: Optional[int] = None):
+    self.directory = workdir_lib.resolve(location, "index")
+    path = os.path.join(self.directory, workdir_lib.MANIFEST)
     if not os.path.isfile(path):
-      raise InputError(f"--index={directory}: no {MANIFEST}; build the index with "
-                       "python -m memjax.index --workdir=" + directory)
-    self.manifest = results.read_json(path)
+      raise InputError(f"--index={location}: no finished index there ({path} is missing); "
+                       "build it with python -m memjax.index --workdir=" + location)
+    self.manifest = workdir_lib.Manifest.from_dict(workdir_lib.read_json(path))
+    self.info = self.manifest.details
     chunks = []
-    for source in self.manifest["sources"]:
+    for source in self.info["sources"]:
       chunks.extend(list_chunks(source))
     self.training = TrainingSet(chunks)
-    self.index = load_index(os.path.join(directory, INDEX_FILE),
-                            nprobe if nprobe is not None else self.manifest.get("nprobe"))
+    self.index = load_index(os.path.join(self.directory, workdir_lib.FAISS_INDEX),
+                            nprobe if nprobe is not None else self.info.get("nprobe"))
     if self.index.ntotal != self.training.size:
-      raise InputError(f"{directory}: the FAISS index holds {self.index.ntotal} vectors but "
-                       f"the embedding folders {self.manifest['sources']} hold "
+      raise InputError(f"{self.directory}: the FAISS index holds {self.index.ntotal} vectors "
+                       f"but the embedding folders {self.info['sources']} hold "
                        f"{self.training.size}; rebuild it with --overwrite")
 
   def search(self, queries: np.ndarray, k: int):
@@ -274,92 +258,6 @@ class IndexStore:
 
   def statuses(self) -> Optional[pa.Table]:
     """Every input image of `--images` with its status (ok, missing, ...)."""
-    folder = os.path.join(self.directory, STATUS_DIR)
-    files = [p for _, p in sorted(_numbered(folder, ".parquet").items())]
-    return pa.concat_tables([pq.read_table(f) for f in files]) if files else None
-
-
-# ---- images ------------------------------------------------------------------
-
-
-def image_ref(row: Optional[dict]) -> Optional[str]:
-  """Where a training image is: `image_path` if set, else `url`."""
-  if not row:
-    return None
-  for key in ("image_path", "url"):
-    value = row.get(key)
-    if isinstance(value, str) and value.strip():
-      return value.strip()
-  return None
-
-
-def open_image(ref: Optional[str], base_dir: Optional[str] = None,
-               cache_dir: Optional[str] = None) -> Tuple[Optional[Image.Image], str, str]:
-  """Opens a training image: a local path (relative to base_dir), file:// or
-  http(s):// (kept under cache_dir when given, so a rerun does not fetch it
-  again; dead links are remembered there too).
-
-  Returns:
-    (image or None, status, error): status "ok", "missing" (no reference, no
-    file, dead link) or "unreadable" (not a decodable image). Never a black
-    stand-in (the reference did that; ALGORITHMS.md section 4).
-  """
-  if not ref:
-    return None, "missing", "no url or image_path"
-  scheme = urllib.parse.urlparse(ref).scheme.lower()
-  if scheme in ("http", "https"):
-    data, error = _fetch(ref, cache_dir)
-    if data is None:
-      return None, "missing", error
-    source, name = io.BytesIO(data), ref
-  else:
-    name = ref
-    if scheme == "file":
-      name = urllib.request.url2pathname(urllib.parse.urlparse(ref).path)
-    elif base_dir and not os.path.isabs(name):
-      name = os.path.join(base_dir, name)
-    if not os.path.isfile(name):
-      return None, "missing", f"{name}: no such file"
-    source = name
-  try:
-    with Image.open(source) as im:
-      im.load()
-      return im.convert("RGB"), "ok", ""
-  except Exception as e:  # pylint: disable=broad-except
-    # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError, ...
-    # for a damaged or hostile file; the image is recorded, not compared.
-    return None, "unreadable", f"{name}: {type(e).__name__}: {e}"
-
-
-def _fetch(url: str, cache_dir: Optional[str]) -> Tuple[Optional[bytes], str]:
-  """The bytes at url (from cache_dir if fetched before), or (None, why)."""
-  path = os.path.join(cache_dir, hashlib.sha1(url.encode("utf-8")).hexdigest()) if cache_dir \
-      else None
-  if path and os.path.isfile(path):
-    with open(path, "rb") as f:
-      return f.read(), ""
-  if path and os.path.isfile(path + ".missing"):
-    with open(path + ".missing", encoding="utf-8") as f:
-      return None, f.read()
-  try:
-    req = urllib.request.Request(url, headers={"User-Agent": "memjax"})
-    with urllib.request.urlopen(req, timeout=_HTTP_TIMEOUT_S) as r:
-      data, why = r.read(), ""
-  except Exception as e:  # pylint: disable=broad-except  # any failure = a dead link
-    data, why = None, f"{url}: {type(e).__name__}: {e}"
-  if path:
-    os.makedirs(cache_dir, exist_ok=True)
-    target, payload = (path, data) if data is not None else (path + ".missing",
-                                                            why.encode("utf-8"))
-    tmp = f"{target}.{os.getpid()}.tmp"
-    with open(tmp, "wb") as f:
-      f.write(payload)
-    os.replace(tmp, target)
-  return data, why
-
-
-def to_pixels(image: Image.Image, size: int = IMAGE_SIZE) -> np.ndarray:
-  """PIL image -> [size, size, 3] float32 in [0, 1]: Lanczos, no crop (the
-  aspect ratio is not kept), as the reference compares images."""
-  im = image.convert("RGB").resize((size, size), Image.LANCZOS)
-  return np.asarray(im, np.float32) / 255.0
+    if not shards.list_shards(self.directory):
+      return None
+    return shards.open_shards(self.directory).to_table()

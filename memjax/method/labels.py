@@ -1,4 +1,4 @@
-"""Ground-truth labels TV / MV / RV / N of one prompt (ALGORITHMS.md section 4).
+"""Ground-truth labels TV / MV / RV / N of one prompt (docs/method.md section 7).
 
 A prompt's generated images g (seeds s = 0..S-1, 256 x 256 x 3 in [0, 1]) are
 compared with training images; errors are SUMS of squared differences (SSE)
@@ -20,8 +20,6 @@ reference's quirk, which could only hide or invent matches). A prompt with
 skipped comparisons still gets a label from the others; `complete` says so.
 """
 import dataclasses
-import io
-import os
 from typing import List, Optional, Sequence
 
 import numpy as np
@@ -38,56 +36,6 @@ class Thresholds:
   tv: float = 2500.0
   mv: float = 2500.0
   rv: float = 3000.0
-
-
-@dataclasses.dataclass
-class LoadedImage:
-  """A training image for pixel comparison.
-
-  Attributes:
-    image: [256, 256, 3] float32 in [0, 1] (uint8 / 255), or None.
-    status: "ok", "missing" (no source, or no such file) or "unreadable".
-    detail: why it is missing or unreadable ("" when ok).
-  """
-  image: Optional[np.ndarray]
-  status: str
-  detail: str = ""
-
-
-def load_training_image(source, size: int = IMAGE_SIZE) -> LoadedImage:
-  """Loads a training image the way section 4 compares it.
-
-  Converted to RGB (grayscale, palette and RGBA images included; alpha is
-  dropped), resized to size x size with Lanczos without cropping (the aspect
-  ratio is not kept, as in the reference), as float32 uint8 / 255.
-
-  Args:
-    source: a file path, the file's bytes, or None / "" for no image.
-    size: output side in pixels.
-
-  Returns:
-    LoadedImage; never raises for a bad image and never returns a black
-    stand-in.
-  """
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  if source is None or (isinstance(source, (str, bytes)) and not source):
-    return LoadedImage(None, "missing", "no image given")
-  if isinstance(source, (bytes, bytearray, memoryview)):
-    opener, name = (lambda: io.BytesIO(bytes(source))), "<bytes>"
-  else:
-    name = os.fspath(source)
-    if not os.path.isfile(name):
-      return LoadedImage(None, "missing", f"{name} does not exist")
-    opener = lambda: name
-  try:
-    with Image.open(opener()) as im:
-      im = im.convert("RGB").resize((size, size), Image.LANCZOS)
-      image = np.asarray(im, np.float32) / 255.0
-  except Exception as e:  # pylint: disable=broad-except
-    # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError, ...
-    # for a damaged or hostile file; the row is labelled without it.
-    return LoadedImage(None, "unreadable", f"{name}: {type(e).__name__}: {e}")
-  return LoadedImage(image, "ok")
 
 
 @dataclasses.dataclass
@@ -111,8 +59,7 @@ class LabelResult:
     rv_error: min over seeds and present retrieved images.
     rv_error_per_seed: [S] min over retrieved images.
     rv_seeds, rv_matched_ids: seeds and retrieved ids under `rv`.
-    own_status: "ok", or why there was no own image to compare ("missing",
-      or a LoadedImage's status such as "unreadable").
+    own_status: "ok", or "missing" when there was no own image to compare.
     missing_ids: ids of retrieved images that were missing (skipped).
     n_templates, n_retrieved: comparisons actually made.
     complete: no comparison was skipped for a missing image.
@@ -172,14 +119,12 @@ def label_prompt(generated, own=None, retrieved: Sequence = (), templates: Seque
                  own_id=None, retrieved_ids: Optional[Sequence] = None,
                  seeds: Optional[Sequence[int]] = None,
                  thresholds: Thresholds = Thresholds()) -> LabelResult:
-  """Labels one prompt from its generated images (section 4 rules, in order).
+  """Labels one prompt from its generated images (docs/method.md section 7, in order).
 
   Args:
     generated: [S, H, W, 3] float in [0, 1], the prompt's generated images.
-    own: [H, W, 3] the prompt's own training image, or None when missing; or
-      a `LoadedImage` (its status is recorded as own_status).
-    retrieved: K retrieved training images [H, W, 3] (or `LoadedImage`s);
-      None (or a LoadedImage without image) for a missing one.
+    own: [H, W, 3] the prompt's own training image, or None when missing.
+    retrieved: K retrieved training images [H, W, 3]; None for a missing one.
     templates: `masks.Template`s (or objects with .image [H, W, 3], .mask
       [H, W] and .template_id); an all-zero mask is skipped (0 / 0).
     own_id: recorded in matched_ids on an MV match.
@@ -199,9 +144,6 @@ def label_prompt(generated, own=None, retrieved: Sequence = (), templates: Seque
   if len(seeds) != g.shape[0]:
     raise InputError(f"{len(seeds)} seeds for {g.shape[0]} generated images")
   own_status = "ok" if own is not None else "missing"
-  if isinstance(own, LoadedImage):
-    own, own_status = own.image, own.status
-  retrieved = [x.image if isinstance(x, LoadedImage) else x for x in retrieved]
   retrieved_ids = list(range(len(retrieved))) if retrieved_ids is None else list(retrieved_ids)
   if len(retrieved_ids) != len(retrieved):
     raise InputError(f"{len(retrieved_ids)} ids for {len(retrieved)} retrieved images")

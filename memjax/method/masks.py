@@ -1,4 +1,4 @@
-"""Template masks from near-duplicate training images (ALGORITHMS.md section 4).
+"""Template masks from near-duplicate training images (docs/method.md section 6).
 
 Some memorized training images are templates: the same layout (a product
 photo frame, a phone case mock-up, a poster border) repeated many times with a
@@ -17,27 +17,21 @@ the masks; memjax builds them as the spec says:
   border value 0;
 - the template image is q; the mask is 1 where the template stays fixed.
 
-Masks are stored as PNG (0 / 255, mode "L") beside the template PNG, listed in
-a parquet table, and read back by `load_templates`.
+The verify stage stores them with `memjax.data.templates`.
 """
 import dataclasses
 import itertools
-import os
 from typing import List, Optional, Sequence
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import scipy.ndimage
 
-from memjax.runtime.errors import InputError
 
 SSE_LOW = 100.0
 SSE_HIGH = 1000.0
 PIXEL_TOL = 0.03
 ERODE_SIZE = 3
 DILATE_SIZE = 6
-TABLE_NAME = "templates.parquet"
 
 
 @dataclasses.dataclass
@@ -154,79 +148,4 @@ def templates_for_group(images: Sequence[Optional[np.ndarray]],
     if mask.any():
       out.append(Template(np.asarray(images[i], np.float32), mask, ids[i], ids[j], value,
                           group))
-  return out
-
-
-def _to_uint8(image: np.ndarray) -> np.ndarray:
-  # Images loaded by labels.load_training_image are k / 255 exactly, so this
-  # round trip through PNG is lossless.
-  return np.clip(np.rint(np.asarray(image, np.float64) * 255.0), 0, 255).astype(np.uint8)
-
-
-def save_templates(out_dir: str, templates: Sequence[Template],
-                   table_name: str = TABLE_NAME) -> str:
-  """Writes each template as `template_<n>.png` with `template_<n>_mask.png`
-  beside it, and a table listing them; returns the table's path.
-
-  Table columns: template (n), group, template_id, partner_id (as strings),
-  sse, mask_fraction, height, width, image_path, mask_path (relative to
-  out_dir). Call it once with every template: a second call replaces the
-  table (atomically) and the files it names.
-  """
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  os.makedirs(out_dir, exist_ok=True)
-  rows = {k: [] for k in ("template", "group", "template_id", "partner_id", "sse",
-                          "mask_fraction", "height", "width", "image_path", "mask_path")}
-  as_text = lambda v: None if v is None else str(v)
-  for n, t in enumerate(templates):
-    image_name, mask_name = f"template_{n:06d}.png", f"template_{n:06d}_mask.png"
-    Image.fromarray(_to_uint8(t.image), "RGB").save(os.path.join(out_dir, image_name))
-    Image.fromarray(np.where(t.mask, 255, 0).astype(np.uint8), "L").save(
-        os.path.join(out_dir, mask_name))
-    for key, value in (("template", n), ("group", as_text(t.group)),
-                       ("template_id", as_text(t.template_id)),
-                       ("partner_id", as_text(t.partner_id)), ("sse", float(t.sse)),
-                       ("mask_fraction", t.mask_fraction), ("height", t.mask.shape[0]),
-                       ("width", t.mask.shape[1]), ("image_path", image_name),
-                       ("mask_path", mask_name)):
-      rows[key].append(value)
-  schema = pa.schema([("template", pa.int64()), ("group", pa.string()),
-                      ("template_id", pa.string()), ("partner_id", pa.string()),
-                      ("sse", pa.float64()), ("mask_fraction", pa.float64()),
-                      ("height", pa.int64()), ("width", pa.int64()),
-                      ("image_path", pa.string()), ("mask_path", pa.string())])
-  path = os.path.join(out_dir, table_name)
-  tmp = path + f".{os.getpid()}.tmp"
-  pq.write_table(pa.table(rows, schema=schema), tmp)
-  os.replace(tmp, path)
-  return path
-
-
-def load_templates(table_path: str, group=None) -> List[Template]:
-  """Reads templates written by `save_templates` (only `group`'s if given).
-
-  Raises:
-    InputError: missing or unreadable table, template image or mask.
-  """
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  try:
-    table = pq.read_table(table_path)
-  except (OSError, pa.ArrowException) as e:
-    raise InputError(f"template table {table_path}: cannot read: {e}") from None
-  folder = os.path.dirname(os.path.abspath(table_path))
-  out = []
-  for row in table.to_pylist():
-    if group is not None and row["group"] != str(group):
-      continue
-    paths = [os.path.join(folder, row[k]) for k in ("image_path", "mask_path")]
-    try:
-      with Image.open(paths[0]) as im:
-        image = np.asarray(im.convert("RGB"), np.float32) / 255.0
-      with Image.open(paths[1]) as im:
-        mask = np.asarray(im.convert("L")) > 127
-    except (OSError, ValueError) as e:
-      raise InputError(f"{table_path}, template {row['template']}: cannot read "
-                       f"{paths}: {e}") from None
-    out.append(Template(image, mask, row["template_id"], row["partner_id"], row["sse"],
-                        row["group"]))
   return out

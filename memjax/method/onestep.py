@@ -1,9 +1,9 @@
 """One-step CFG samples decoded by the VAE: the images of the blackbox attack.
 
-ALGORITHMS.md sections 2 and 3. The reference runs k-diffusion's `sample_heun`
+docs/method.md sections 2 and 3. The reference runs k-diffusion's `sample_heun`
 with ONE Karras step, i.e. sigmas [sigma_max, 0]: the Heun step to sigma = 0 is
 an Euler step, which lands exactly on the denoised latent. With z the start noise
-(x_T = sigma_max * z) and t = 999:
+(x_T = sigma_max * z) and t = T - 1 (999 for SD):
 
   x_in   = sqrt(1 - abar[t]) * z                     # c_in * x_T
   e_cfg  = e_u + w * (e_c - e_u)                      # eps (v converted)
@@ -15,14 +15,13 @@ As in the whitebox scan, e_u depends only on z, so it is computed once per seed
 
 Everything here is pure (no flags, no I/O); `blackbox.py` binds and jits it.
 
-API (also used by the multi-step samplers and the ground-truth stage):
-- `decode_images(vae_decode, vae_params, latents, scaling_factor)`:
-  latents [N, h, w, c] -> images [N, H, W, 3] float32 in [0, 1].
+API (also used by the multi-step samplers and the testbed evaluation):
+- `decode_images(vae_decode, vae_params, latents, scaling_factor, dtype)`: the one
+  decode from diffusion latents to images in [0, 1].
 - `onestep_latents(noise, e_u, e_c, guidance_scale, sigma)`: the x0_hat above.
-- `make_onestep_fn(text_apply, unet_apply, vae_decode, schedule, guidance_scale,
-  scaling_factor)` -> sample(text_params, unet_params, vae_params, input_ids
+- `make_onestep_fn(text, unet, vae_decode, schedule, guidance_scale,
+  scaling_factor, t)` -> sample(text_params, unet_params, vae_params, input_ids
   [B, 77], noise [S, h, w, c], e_u [S, h, w, c]) -> images [B, S, H, W, 3].
-- `vae_decode_fn(sd)`: the `vae_decode(params, z)` of a loaded model.
 - `to_uint8(images)`: the reference's rounding to 8 bits (through PIL).
 """
 from typing import Callable
@@ -34,26 +33,19 @@ import numpy as np
 from memjax.method import whitebox
 from memjax.method.schedule import Schedule
 
-TIMESTEP = 999  # x_T = sigma(999) * z, the reference's first (and only) step
-
-
-def vae_decode_fn(sd) -> Callable:
-  """vae_decode(vae_params, z [N, h, w, c]) -> [N, H, W, 3] of a loaded model."""
-  vae = sd.vae
-  return lambda params, z: vae.apply({"params": params}, z, method=type(vae).decode)
-
-
 def decode_images(vae_decode: Callable, vae_params, latents: jax.Array,
-                  scaling_factor: float) -> jax.Array:
+                  scaling_factor: float, dtype=jnp.float32) -> jax.Array:
   """Diffusion latents -> images in [0, 1], as diffusers' `decode_latents`.
 
   Args:
-    vae_decode: f(vae_params, z) -> [N, H, W, 3] in [-1, 1] (`vae_decode_fn`).
+    vae_decode: f(vae_params, z) -> [N, H, W, 3] in [-1, 1]
+      (`StableDiffusion.vae_decode`).
     latents: [N, h, w, c] diffusion latents (the VAE's mean times scaling_factor).
+    dtype: the VAE's compute dtype (its input is cast to it).
   Returns:
-    [N, H, W, 3] float32 in [0, 1].
+    [N, H, W, 3] float32 in [0, 1]: clip(x / 2 + 0.5, 0, 1).
   """
-  x = vae_decode(vae_params, latents / scaling_factor).astype(jnp.float32)
+  x = vae_decode(vae_params, (latents / scaling_factor).astype(dtype)).astype(jnp.float32)
   return jnp.clip(x / 2 + 0.5, 0.0, 1.0)
 
 
@@ -71,9 +63,9 @@ def onestep_latents(noise: jax.Array, e_u: jax.Array, e_c: jax.Array,
   return sigma * noise[None].astype(jnp.float32) - sigma * e_cfg
 
 
-def make_onestep_fn(text_apply: Callable, unet_apply: Callable, vae_decode: Callable,
+def make_onestep_fn(text: Callable, unet: Callable, vae_decode: Callable,
                     schedule: Schedule, guidance_scale: float, scaling_factor: float,
-                    t: int = TIMESTEP) -> Callable:
+                    t: int) -> Callable:
   """Returns sample(text_params, unet_params, vae_params, input_ids, noise, e_u).
 
   Args (of the returned function):
@@ -86,14 +78,14 @@ def make_onestep_fn(text_apply: Callable, unet_apply: Callable, vae_decode: Call
   c = whitebox.timestep_constants(schedule, t)
 
   def sample(text_params, unet_params, vae_params, input_ids, noise, e_u):
-    ctx = text_apply({"params": text_params}, input_ids)
+    ctx = text(text_params, input_ids)
     images = []
     for s in range(noise.shape[0]):  # few seeds: unrolled, one UNet + VAE batch each
       x_in = jnp.broadcast_to((c["sqrt_one_minus_abar"] * noise[s]).astype(ctx.dtype),
                               (input_ids.shape[0],) + noise.shape[1:])
-      e_c = whitebox.model_eps(unet_apply, unet_params, x_in, t, ctx, schedule)
+      e_c = whitebox.model_eps(unet, unet_params, x_in, t, ctx, schedule)
       x0 = onestep_latents(noise[s], e_u[s], e_c, guidance_scale, c["sigma"])
-      images.append(decode_images(vae_decode, vae_params, x0.astype(ctx.dtype), scaling_factor))
+      images.append(decode_images(vae_decode, vae_params, x0, scaling_factor, ctx.dtype))
     return jnp.stack(images, axis=1)
 
   return sample

@@ -1,6 +1,6 @@
 """Multi-step samplers with classifier-free guidance: DDIM and k-diffusion Heun.
 
-ALGORITHMS.md section 4 (regeneration for ground truth). The whole sampling loop
+docs/method.md section 4 (regeneration for ground truth). The whole sampling loop
 runs inside ONE jitted function: a `lax.scan` over the UNet evaluations whose
 body calls the UNet once (on the CFG pair [uncond; cond] stacked in one batch),
 so a (steps, batch) pair compiles once and the UNet is traced once, whatever
@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from memjax.method import onestep
 from memjax.runtime.errors import ConfigError
 from memjax.method.schedule import Schedule
 
@@ -218,7 +219,7 @@ def _heun_update(carry, row, m):
   return (x_new, jnp.where(second, x_base, x), jnp.where(second, d_first, d))
 
 
-def make_sample_fn(text_apply: Callable, unet_apply: Callable, vae_decode: Callable,
+def make_sample_fn(text: Callable, unet: Callable, vae_decode: Callable,
                    plan: SamplerPlan, guidance_scale: float,
                    vae_scaling_factor: float) -> Callable:
   """Returns sample(params, input_ids, empty_ids, noise) -> dict (jit it once).
@@ -231,8 +232,8 @@ def make_sample_fn(text_apply: Callable, unet_apply: Callable, vae_decode: Calla
   Returns:
     {"images": [B, S, H, W, 3] float32 in [0, 1], "latents": [B, S, h, w, c]}.
 
-  `text_apply(p, ids)`, `unet_apply(p, x, t, ctx)` and `vae_decode(p, z)` take
-  raw param trees; wrap `module.apply` (see `sample_fn_for_model`).
+  `text(p, ids)`, `unet(p, x, t, ctx)` and `vae_decode(p, z)` take raw param
+  trees (`StableDiffusion.text_embed`, `.unet_out`, `.vae_decode`).
   """
   update = _ddim_update(plan) if plan.name == "ddim" else _heun_update
   xs = {k: jnp.asarray(v) for k, v in plan.table.items()}
@@ -240,8 +241,8 @@ def make_sample_fn(text_apply: Callable, unet_apply: Callable, vae_decode: Calla
 
   def sample(params, input_ids, empty_ids, noise):
     b, s = input_ids.shape[0], noise.shape[0]
-    cond = text_apply(params["text_encoder"], input_ids)  # [B, 77, D]
-    uncond = text_apply(params["text_encoder"], empty_ids[None])  # [1, 77, D]
+    cond = text(params["text_encoder"], input_ids)  # [B, 77, D]
+    uncond = text(params["text_encoder"], empty_ids[None])  # [1, 77, D]
     n = b * s
     cond = jnp.repeat(cond, s, axis=0)  # [N, 77, D], row b * S + s
     # CFG pairs interleaved (row 2i uncond, 2i + 1 cond) rather than concatenated,
@@ -256,14 +257,13 @@ def make_sample_fn(text_apply: Callable, unet_apply: Callable, vae_decode: Calla
       x_in = (row["c_in"] * carry[0]).astype(ctx.dtype)
       x_in = jnp.broadcast_to(x_in[:, None], (n, 2) + lat).reshape((2 * n,) + lat)
       t = jnp.full((2 * n,), row["t"], jnp.float32)
-      out = unet_apply(params["unet"], x_in, t, ctx).astype(jnp.float32).reshape((n, 2) + lat)
+      out = unet(params["unet"], x_in, t, ctx).astype(jnp.float32).reshape((n, 2) + lat)
       m_u, m_c = out[:, 0], out[:, 1]
       return update(carry, row, m_u + w * (m_c - m_u)), None
 
     carry, _ = jax.lax.scan(body, (x, x, jnp.zeros_like(x)), xs)
     latents = carry[0]
-    img = vae_decode(params["vae"], (latents / vae_scaling_factor).astype(ctx.dtype))
-    img = jnp.clip(img.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
+    img = onestep.decode_images(vae_decode, params["vae"], latents, vae_scaling_factor, ctx.dtype)
     return {"images": img.reshape((b, s) + img.shape[1:]),
             "latents": latents.reshape((b, s) + lat)}
 
@@ -271,13 +271,10 @@ def make_sample_fn(text_apply: Callable, unet_apply: Callable, vae_decode: Calla
 
 
 def sample_fn_for_model(sd, plan: SamplerPlan, guidance_scale: float,
-                        unet_apply: Optional[Callable] = None) -> Callable:
-  """`make_sample_fn` bound to a `loading.StableDiffusion` (unet, vae, text encoder).
+                        unet: Optional[Callable] = None) -> Callable:
+  """`make_sample_fn` bound to a `loading.StableDiffusion`.
 
-  unet_apply: optional replacement of `(p, x, t, ctx) -> out` (tests count traces).
+  unet: optional replacement of `sd.unet_out` (tests count its traces).
   """
-  vae_cls = type(sd.vae)
-  text = lambda p, ids: sd.text_encoder.apply({"params": p}, ids)
-  unet = unet_apply or (lambda p, x, t, ctx: sd.unet.apply({"params": p}, x, t, ctx))
-  decode = lambda p, z: sd.vae.apply({"params": p}, z, method=vae_cls.decode)
-  return make_sample_fn(text, unet, decode, plan, guidance_scale, sd.vae_scaling_factor)
+  return make_sample_fn(sd.text_embed, unet or sd.unet_out, sd.vae_decode, plan,
+                        guidance_scale, sd.vae_scaling_factor)

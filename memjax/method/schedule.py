@@ -4,8 +4,6 @@ Constants are computed in float64 with numpy and handed to jitted code as float3
 arrays, whatever dtype the models run in.
 """
 import dataclasses
-import json
-import os
 
 import numpy as np
 
@@ -24,6 +22,11 @@ class Schedule:
   @property
   def num_train_timesteps(self) -> int:
     return len(self.alphas_cumprod)
+
+  @property
+  def last_timestep(self) -> int:
+    """T - 1: where the one-step scores start (999 for SD; docs/method.md section 1)."""
+    return self.num_train_timesteps - 1
 
   def sigma(self, t: int) -> float:
     """k-diffusion sigma(t) = sqrt((1 - abar[t]) / abar[t])."""
@@ -56,11 +59,3 @@ class Schedule:
     else:
       betas = np.linspace(beta_start, beta_end, n, dtype=np.float64)
     return cls(alphas_cumprod=np.cumprod(1.0 - betas), prediction_type=prediction)
-
-  @classmethod
-  def from_folder(cls, model_dir: str):
-    path = os.path.join(model_dir, "scheduler", "scheduler_config.json")
-    if not os.path.exists(path):
-      raise ConfigError(f"{path}: missing (the model folder needs scheduler/scheduler_config.json)")
-    with open(path) as f:
-      return cls.from_config(json.load(f), source=path)

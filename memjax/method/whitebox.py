@@ -1,6 +1,6 @@
 """The whitebox score: denoising confidence (DCS) from ONE denoising step.
 
-ALGORITHMS.md section 2. With z the fixed start noise and t = T - 1 (999):
+docs/method.md section 2. With z the fixed start noise and t = T - 1 (999):
 
   x_in   = sqrt(1 - abar[t]) * z                 # k-diffusion c_in * sigma_max * z
   e_u    = unet(x_in, t, text(""))                # eps (v converted to eps)
@@ -19,7 +19,6 @@ from typing import Callable, Dict
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from memjax.method.schedule import Schedule
 
@@ -31,18 +30,19 @@ def timestep_constants(schedule: Schedule, t: int) -> Dict[str, float]:
           "sqrt_one_minus_abar": (1.0 - abar) ** 0.5}
 
 
-def model_eps(unet_apply: Callable, unet_params, x_in: jax.Array, t: int,
+def model_eps(unet: Callable, unet_params, x_in: jax.Array, t: int,
               context: jax.Array, schedule: Schedule) -> jax.Array:
   """The UNet's noise prediction at t as float32, v-prediction converted to eps.
 
   Args:
+    unet: (params, x, t, context) -> the raw output (`StableDiffusion.unet_out`).
     x_in: [B, h, w, c] the UNet input (DDPM scale).
     context: [B, 77, D] text embeddings.
   Returns:
     [B, h, w, c] float32 eps.
   """
-  out = unet_apply({"params": unet_params}, x_in, jnp.full((x_in.shape[0],), t, jnp.int32),
-                   context).astype(jnp.float32)
+  out = unet(unet_params, x_in, jnp.full((x_in.shape[0],), t, jnp.int32),
+             context).astype(jnp.float32)
   if schedule.prediction_type == "v_prediction":
     c = timestep_constants(schedule, t)
     # eps = sqrt(abar) v + sqrt(1 - abar) x_t; CFG commutes with this affine map.
@@ -72,21 +72,20 @@ def dcs_statistics(e_u: jax.Array, e_c: jax.Array, guidance_scale: float,
           "align": align}
 
 
-def make_uncond_fn(text_apply: Callable, unet_apply: Callable, schedule: Schedule,
-                   t: int) -> Callable:
+def make_uncond_fn(text: Callable, unet: Callable, schedule: Schedule, t: int) -> Callable:
   """Returns f(text_params, unet_params, empty_ids [1, 77], noise [S, h, w, c]) -> e_u [S, h, w, c]."""
   scale = timestep_constants(schedule, t)["sqrt_one_minus_abar"]
 
   def uncond(text_params, unet_params, empty_ids, noise):
-    ctx = text_apply({"params": text_params}, empty_ids)
+    ctx = text(text_params, empty_ids)
     x_in = (scale * noise).astype(ctx.dtype)
     ctx = jnp.broadcast_to(ctx, (noise.shape[0],) + ctx.shape[1:])
-    return model_eps(unet_apply, unet_params, x_in, t, ctx, schedule)
+    return model_eps(unet, unet_params, x_in, t, ctx, schedule)
 
   return uncond
 
 
-def make_score_fn(text_apply: Callable, unet_apply: Callable, schedule: Schedule,
+def make_score_fn(text: Callable, unet: Callable, schedule: Schedule,
                   guidance_scale: float, t: int) -> Callable:
   """Returns score(text_params, unet_params, input_ids, noise, e_u) -> dict.
 
@@ -100,21 +99,13 @@ def make_score_fn(text_apply: Callable, unet_apply: Callable, schedule: Schedule
   c = timestep_constants(schedule, t)
 
   def score(text_params, unet_params, input_ids, noise, e_u):
-    ctx = text_apply({"params": text_params}, input_ids)
+    ctx = text(text_params, input_ids)
     per_seed = []
     for s in range(noise.shape[0]):  # few seeds: unrolled, one UNet batch each
       x_in = jnp.broadcast_to((c["sqrt_one_minus_abar"] * noise[s]).astype(ctx.dtype),
                               (input_ids.shape[0],) + noise.shape[1:])
-      e_c = model_eps(unet_apply, unet_params, x_in, t, ctx, schedule)
+      e_c = model_eps(unet, unet_params, x_in, t, ctx, schedule)
       per_seed.append(dcs_statistics(e_u[s], e_c, guidance_scale, c["sigma"]))
     return {k: jnp.stack([p[k] for p in per_seed], axis=1) for k in per_seed[0]}
 
   return score
-
-
-def reference_dcs_numpy(e_u: np.ndarray, e_c: np.ndarray, guidance_scale: float,
-                        sigma: float) -> np.ndarray:
-  """ALGORITHMS.md's formula in float64 numpy, for tests: [B, ...] -> [B]."""
-  e_u = e_u.astype(np.float64)
-  e_cfg = e_u + guidance_scale * (e_c.astype(np.float64) - e_u)
-  return sigma ** 2 * np.mean(e_cfg.reshape(len(e_cfg), -1) ** 2, axis=1)

@@ -1,6 +1,7 @@
 """Multi-head attention shared by the UNet, the VAE and the CLIP text encoder.
 
-Three kernels, one choice per call (`_choose`):
+Three kernels, one choice per call (`choose_kernel`), passed down from the model
+configuration as a field of every module that attends (never a global):
 
 - "blocked" (the default on CPU): memjax's own formulation for XLA's CPU backend.
   Heads are moved to the batch axis and the scores are computed one tile of
@@ -13,7 +14,7 @@ Three kernels, one choice per call (`_choose`):
 - "xla" / "cudnn": `jax.nn.dot_product_attention`. On GPUs, for half precision
   and head dims up to 128 (cuDNN's fused kernel's limits), memjax asks for
   cuDNN's fused flash attention, which never materialises a float32 [L, L] score
-  matrix per head (ALGORITHMS.md section 6: sequence 4096 at 64 x 64 latents);
+  matrix per head (sequence 4096 at 64 x 64 latents);
   JAX's own default (None) picks XLA there. Everything else on GPUs (float32, the
   VAE's single 512-wide head) takes the XLA path.
 
@@ -26,9 +27,6 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-# None: memjax's choice (`_choose`). Set through `set_attention_implementation`
-# by entry points and benchmarks; read at trace time.
-_IMPLEMENTATION: Optional[str] = None
 _CUDNN_MAX_HEAD_DIM = 128
 # "blocked" kernel: float32 bytes of one tile of scores, and the fewest query rows
 # per tile. On the 2-core benchmark machine (1 MiB L2 per core, 32 MiB L3), 4 MiB
@@ -38,16 +36,18 @@ _CPU_TILE_BYTES = 4 << 20
 _MIN_ROWS = 16
 
 
-def set_attention_implementation(name: Optional[str]) -> None:
-  """Selects the kernel for every later trace: None, "xla", "cudnn" or "blocked"."""
-  if name not in (None, "xla", "cudnn", "blocked"):
-    raise ValueError(f"unknown attention implementation {name!r}")
-  global _IMPLEMENTATION
-  _IMPLEMENTATION = name
+KERNELS = ("xla", "cudnn", "blocked")
+
+
+def check_kernel(kernel: Optional[str]) -> Optional[str]:
+  """kernel if it is None (memjax's choice) or one of KERNELS; else ValueError."""
+  if kernel not in (None,) + KERNELS:
+    raise ValueError(f"unknown attention kernel {kernel!r} (use one of {', '.join(KERNELS)})")
+  return kernel
 
 
 def multi_head_attention(q: jax.Array, k: jax.Array, v: jax.Array, num_heads: int,
-                         is_causal: bool = False) -> jax.Array:
+                         is_causal: bool = False, kernel: Optional[str] = None) -> jax.Array:
   """Scaled dot-product attention over heads packed in the last axis.
 
   Args:
@@ -56,6 +56,8 @@ def multi_head_attention(q: jax.Array, k: jax.Array, v: jax.Array, num_heads: in
     v: [B, Lk, H * D] values.
     num_heads: H.
     is_causal: mask keys after each query (CLIP's text transformer).
+    kernel: None (memjax's choice, `choose_kernel`), "xla", "cudnn" or "blocked";
+      a field of the module that calls this, so it is part of the trace.
 
   Returns:
     [B, Lq, H * D], in q's dtype. The scale is 1 / sqrt(D) as in PyTorch.
@@ -66,7 +68,7 @@ def multi_head_attention(q: jax.Array, k: jax.Array, v: jax.Array, num_heads: in
   q = q.reshape(b, lq, num_heads, d)
   k = k.reshape(b, lk, num_heads, d)
   v = v.reshape(b, lk, num_heads, d)
-  kernel = _choose(d, q.dtype)
+  kernel = choose_kernel(d, q.dtype, kernel)
   if kernel == "blocked":
     out = blocked_attention(q, k, v, is_causal)
   else:
@@ -131,13 +133,15 @@ def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, is_causal: bool 
   return out.reshape(b, h, lq, d).transpose(0, 2, 1, 3)
 
 
-def _choose(head_dim: int, dtype) -> Optional[str]:
-  """The kernel for one call: the forced one, else cuDNN where it applies."""
+def choose_kernel(head_dim: int, dtype, requested: Optional[str] = None) -> str:
+  """The kernel of one call: the requested one (cuDNN only where it applies),
+  else cuDNN for half precision on GPU, blocked on CPU, XLA otherwise."""
+  check_kernel(requested)
   fits_cudnn = head_dim <= _CUDNN_MAX_HEAD_DIM and dtype in (jnp.bfloat16, jnp.float16)
-  if _IMPLEMENTATION == "cudnn":
+  if requested == "cudnn":
     return "cudnn" if fits_cudnn else "xla"
-  if _IMPLEMENTATION is None and fits_cudnn and jax.default_backend() == "gpu":
+  if requested is not None:
+    return requested
+  if fits_cudnn and jax.default_backend() == "gpu":
     return "cudnn"
-  if _IMPLEMENTATION is None:
-    return "blocked" if jax.default_backend() == "cpu" else "xla"
-  return _IMPLEMENTATION
+  return "blocked" if jax.default_backend() == "cpu" else "xla"

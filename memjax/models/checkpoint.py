@@ -15,6 +15,7 @@ from typing import Dict, Tuple
 import ml_dtypes
 import numpy as np
 
+from memjax.runtime import workdir as workdir_lib
 from memjax.runtime.errors import CheckpointError
 
 _DTYPES = {
@@ -64,13 +65,14 @@ def write_safetensors(path: str, tensors: Dict[str, np.ndarray]) -> None:
   header["__metadata__"] = {"format": "pt"}
   blob = json.dumps(header, separators=(",", ":")).encode()
   blob += b" " * (-len(blob) % 8)  # align tensor data to 8 bytes
-  tmp = path + ".tmp"
-  with open(tmp, "wb") as f:
+
+  def write(f):
     f.write(struct.pack("<Q", len(blob)))
     f.write(blob)
     for a in arrays:
       f.write(a.tobytes())
-  os.replace(tmp, path)
+
+  workdir_lib.write_atomic(path, write)
 
 
 def _read_bin(path: str) -> Dict[str, np.ndarray]:

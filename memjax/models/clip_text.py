@@ -16,7 +16,7 @@ Parameter paths follow the state-dict keys of the checkpoints SD folders ship
 `memjax.models.convert`.
 """
 import dataclasses
-from typing import Any, Dict, Mapping
+from typing import Any, Dict, Mapping, Optional
 
 from absl import logging
 import flax.linen as nn
@@ -154,6 +154,7 @@ class CLIPAttention(nn.Module):
   """Causal multi-head self-attention, [B, L, C] -> [B, L, C]."""
   config: CLIPTextConfig
   dtype: Any = jnp.float32
+  attention: Optional[str] = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -161,7 +162,8 @@ class CLIPAttention(nn.Module):
     q = nn.Dense(c, dtype=self.dtype, name="q_proj")(x)
     k = nn.Dense(c, dtype=self.dtype, name="k_proj")(x)
     v = nn.Dense(c, dtype=self.dtype, name="v_proj")(x)
-    out = multi_head_attention(q, k, v, self.config.num_attention_heads, is_causal=True)
+    out = multi_head_attention(q, k, v, self.config.num_attention_heads, is_causal=True,
+                               kernel=self.attention)
     return nn.Dense(c, dtype=self.dtype, name="out_proj")(out)
 
 
@@ -181,11 +183,12 @@ class CLIPEncoderLayer(nn.Module):
   """Pre-LN residual block as transformers' `CLIPEncoderLayer`, [B, L, C]."""
   config: CLIPTextConfig
   dtype: Any = jnp.float32
+  attention: Optional[str] = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     h = _layer_norm(self.config, self.dtype, "layer_norm1", x)
-    x = x + CLIPAttention(self.config, self.dtype, name="self_attn")(h)
+    x = x + CLIPAttention(self.config, self.dtype, self.attention, name="self_attn")(h)
     h = _layer_norm(self.config, self.dtype, "layer_norm2", x)
     return x + CLIPMLP(self.config, self.dtype, name="mlp")(h)
 
@@ -194,11 +197,12 @@ class CLIPEncoder(nn.Module):
   """`num_hidden_layers` encoder layers, [B, L, C] -> [B, L, C]."""
   config: CLIPTextConfig
   dtype: Any = jnp.float32
+  attention: Optional[str] = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     for i in range(self.config.num_hidden_layers):
-      x = CLIPEncoderLayer(self.config, self.dtype, name=f"layers_{i}")(x)
+      x = CLIPEncoderLayer(self.config, self.dtype, self.attention, name=f"layers_{i}")(x)
     return x
 
 
@@ -222,11 +226,12 @@ class CLIPTextTransformer(nn.Module):
   """Embeddings, encoder and final layer norm; int [B, L] -> [B, L, C]."""
   config: CLIPTextConfig
   dtype: Any = jnp.float32
+  attention: Optional[str] = None
 
   @nn.compact
   def __call__(self, input_ids: jax.Array) -> jax.Array:
     x = CLIPTextEmbeddings(self.config, self.dtype, name="embeddings")(input_ids)
-    x = CLIPEncoder(self.config, self.dtype, name="encoder")(x)
+    x = CLIPEncoder(self.config, self.dtype, self.attention, name="encoder")(x)
     return _layer_norm(self.config, self.dtype, "final_layer_norm", x)
 
 
@@ -240,6 +245,7 @@ class CLIPTextModel(nn.Module):
   """
   config: CLIPTextConfig
   dtype: Any = jnp.float32
+  attention: Optional[str] = None  # the kernel (`attention.multi_head_attention`)
 
   @nn.compact
   def __call__(self, input_ids: jax.Array) -> jax.Array:
@@ -262,4 +268,4 @@ class CLIPTextModel(nn.Module):
           f"CLIP text encoder: {input_ids.shape[1]} tokens per prompt, but the model "
           f"has only {self.config.max_position_embeddings} positions; truncate the "
           "tokenization to that length")
-    return CLIPTextTransformer(self.config, self.dtype, name="text_model")(input_ids)
+    return CLIPTextTransformer(self.config, self.dtype, self.attention, name="text_model")(input_ids)

@@ -24,6 +24,7 @@ import ml_dtypes
 import numpy as np
 
 from memjax.runtime.errors import ConfigError
+from memjax.models import attention as attention_lib
 from memjax.models import checkpoint
 from memjax.models import clip_text
 from memjax.models import convert
@@ -45,9 +46,11 @@ class StableDiffusion:
   text_encoder: Optional[clip_text.CLIPTextModel]
   tokenizer: CLIPTokenizer
   schedule: Schedule
+  scheduler_config: dict
   params: Dict[str, dict]
   configs: Dict[str, dict]
   dtype: str
+  attention: Optional[str] = None
 
   @property
   def latent_shape_chw(self):
@@ -60,6 +63,19 @@ class StableDiffusion:
   @property
   def vae_scaling_factor(self) -> float:
     return float(self.configs["vae"].get("scaling_factor", 0.18215))
+
+  def vae_decode(self, vae_params, z):
+    """The VAE decoder: latents [N, h, w, c] (already divided by the scaling
+    factor) -> images [N, H, W, 3] in [-1, 1]."""
+    return self.vae.apply({"params": vae_params}, z, method=type(self.vae).decode)
+
+  def text_embed(self, text_params, ids):
+    """Token ids [B, 77] -> the UNet context [B, 77, D]."""
+    return self.text_encoder.apply({"params": text_params}, ids)
+
+  def unet_out(self, unet_params, x, t, context):
+    """The UNet's raw output (eps or v) at timesteps t for latents x [B, h, w, c]."""
+    return self.unet.apply({"params": unet_params}, x, t, context)
 
   @property
   def max_length(self) -> int:
@@ -87,14 +103,23 @@ def dummy_inputs(name: str, cfg: dict):
   return (jnp.zeros((1, min(77, cfg.get("max_position_embeddings", 77))), jnp.int32),)
 
 
-def build_module(name: str, cfg: dict, source: str, dtype=jnp.float32):
-  """The Flax module of one component from its config dict."""
+def build_module(name: str, cfg: dict, source: str, dtype=jnp.float32,
+                 attention: Optional[str] = None):
+  """The Flax module of one component from its config dict.
+
+  attention: the attention kernel of every layer (None: memjax's choice per
+    backend and dtype; see `memjax.models.attention`).
+  """
+  attention_lib.check_kernel(attention)
   if name == "unet":
-    return unet_lib.UNet2DConditionModel(unet_lib.UNetConfig.from_dict(cfg, source), dtype=dtype)
+    return unet_lib.UNet2DConditionModel(unet_lib.UNetConfig.from_dict(cfg, source), dtype=dtype,
+                                         attention=attention)
   if name == "vae":
-    return vae_lib.AutoencoderKL(vae_lib.VAEConfig.from_dict(cfg, source), dtype=dtype)
+    return vae_lib.AutoencoderKL(vae_lib.VAEConfig.from_dict(cfg, source), dtype=dtype,
+                                 attention=attention)
   if name == "text_encoder":
-    return clip_text.CLIPTextModel(clip_text.CLIPTextConfig.from_dict(cfg, source), dtype=dtype)
+    return clip_text.CLIPTextModel(clip_text.CLIPTextConfig.from_dict(cfg, source), dtype=dtype,
+                                   attention=attention)
   raise ValueError(name)
 
 
@@ -104,8 +129,17 @@ def abstract_params(name: str, module, cfg: dict):
   return shapes["params"]
 
 
+def read_scheduler_config(model_dir: str) -> dict:
+  """scheduler/scheduler_config.json of a model folder (the one reader of it)."""
+  path = os.path.join(model_dir, "scheduler", "scheduler_config.json")
+  if not os.path.exists(path):
+    raise ConfigError(f"{path}: missing (the model folder needs scheduler/scheduler_config.json)")
+  return _read_json(path)
+
+
 def load_stable_diffusion(model_dir: str, dtype: str = "float32",
-                          components: Sequence[str] = COMPONENTS) -> StableDiffusion:
+                          components: Sequence[str] = COMPONENTS,
+                          attention: Optional[str] = None) -> StableDiffusion:
   """Reads a diffusers-layout folder; returns memjax modules, params and tokenizer.
 
   Args:
@@ -113,6 +147,7 @@ def load_stable_diffusion(model_dir: str, dtype: str = "float32",
     dtype: "float32" or "bfloat16", for params and activations. The schedule
       stays float64/float32 whatever this is.
     components: which of unet, vae, text_encoder to load (the scan needs no VAE).
+    attention: the attention kernel of every module (None: memjax's choice).
 
   Raises:
     ConfigError / CheckpointError: naming the file and key of the first problem
@@ -135,7 +170,7 @@ def load_stable_diffusion(model_dir: str, dtype: str = "float32",
       raise ConfigError(f"{os.path.join(model_dir, name)}: missing component folder '{name}'")
     start = time.perf_counter()
     cfg = configs[name] = _read_json(path)
-    module = modules[name] = build_module(name, cfg, path, compute_dtype)
+    module = modules[name] = build_module(name, cfg, path, compute_dtype, attention)
     state, source = checkpoint.load_component_weights(os.path.join(model_dir, name))
     if name == "text_encoder":  # transformers >= 5 saves without the text_model. prefix
       source = {k if k.startswith("text_model.") else "text_model." + k: v
@@ -149,7 +184,11 @@ def load_stable_diffusion(model_dir: str, dtype: str = "float32",
   tok_dir = os.path.join(model_dir, "tokenizer")
   if not os.path.isdir(tok_dir):
     raise ConfigError(f"{tok_dir}: missing component folder 'tokenizer'")
+  scheduler_config = read_scheduler_config(model_dir)
+  schedule = Schedule.from_config(
+      scheduler_config, os.path.join(model_dir, "scheduler", "scheduler_config.json"))
   return StableDiffusion(
       model_dir=model_dir, unet=modules.get("unet"), vae=modules.get("vae"),
       text_encoder=modules.get("text_encoder"), tokenizer=CLIPTokenizer.from_folder(tok_dir),
-      schedule=Schedule.from_folder(model_dir), params=params, configs=configs, dtype=dtype)
+      schedule=schedule, scheduler_config=scheduler_config, params=params, configs=configs,
+      dtype=dtype, attention=attention)

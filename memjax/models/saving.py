@@ -5,13 +5,13 @@ PyTorch's keys (`convert.flax_to_torch`) in `.safetensors`, so the folder loads 
 PyTorch `diffusers.StableDiffusionPipeline.from_pretrained` and in memjax through
 the same code path as real weights. Used by the tiny-model builder and by training.
 """
-import json
 import os
 from typing import Dict, Optional
 
 import numpy as np
 
 from memjax.models import checkpoint
+from memjax.runtime import workdir as workdir_lib
 from memjax.models import convert
 
 DIFFUSERS_VERSION = "0.42.1"
@@ -24,19 +24,11 @@ _LIBRARY_CLASS = {"unet": ["diffusers", "UNet2DConditionModel"],
                   "tokenizer": ["transformers", "CLIPTokenizer"]}
 
 
-def write_json(path: str, obj) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-    f.write("\n")
-  os.replace(tmp, path)
-
-
 def save_component(model_dir: str, name: str, config: dict, params) -> str:
   """Writes `<model_dir>/<name>/config.json` and its float32 safetensors."""
   folder = os.path.join(model_dir, name)
   os.makedirs(folder, exist_ok=True)
-  write_json(os.path.join(folder, "config.json"), config)
+  workdir_lib.write_json(os.path.join(folder, "config.json"), config)
   state = {k: np.asarray(v, np.float32) for k, v in convert.flax_to_torch(params).items()}
   path = os.path.join(folder, _WEIGHT_FILE[name])
   checkpoint.write_safetensors(path, state)
@@ -54,11 +46,11 @@ def save_stable_diffusion(model_dir: str, configs: Dict[str, dict], params: Dict
   for name, p in params.items():
     save_component(model_dir, name, configs[name], p)
   os.makedirs(os.path.join(model_dir, "scheduler"), exist_ok=True)
-  write_json(os.path.join(model_dir, "scheduler", "scheduler_config.json"), scheduler_config)
+  workdir_lib.write_json(os.path.join(model_dir, "scheduler", "scheduler_config.json"), scheduler_config)
   index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": DIFFUSERS_VERSION,
            "feature_extractor": [None, None], "safety_checker": [None, None],
            "requires_safety_checker": False,
            "scheduler": ["diffusers", scheduler_config["_class_name"]]}
   index.update(_LIBRARY_CLASS)
   index.update(extra_index or {})
-  write_json(os.path.join(model_dir, "model_index.json"), index)
+  workdir_lib.write_json(os.path.join(model_dir, "model_index.json"), index)

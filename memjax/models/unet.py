@@ -263,6 +263,7 @@ class UNet2DConditionModel(nn.Module):
   """
   config: UNetConfig
   dtype: Any = jnp.float32
+  attention: Optional[str] = None  # the attention kernel (`attention.multi_head_attention`)
 
   @nn.compact
   def __call__(self, sample: jax.Array, timesteps: Union[jax.Array, int, float],
@@ -281,7 +282,8 @@ class UNet2DConditionModel(nn.Module):
     chans, heads = cfg.block_out_channels, cfg.heads
     n = len(chans)
     common = dict(groups=cfg.norm_num_groups, eps=cfg.norm_eps,
-                  use_linear_projection=cfg.use_linear_projection, dtype=dt)
+                  use_linear_projection=cfg.use_linear_projection, dtype=dt,
+                  attention=self.attention)
     b = sample.shape[0]
     x = sample.astype(dt)
     if cfg.center_input_sample:

@@ -103,6 +103,7 @@ class ResnetBlock2D(nn.Module):
   eps: float
   output_scale_factor: float = 1.0
   dtype: Any = jnp.float32
+  attention: Optional[str] = None
 
   @nn.compact
   def __call__(self, x: jax.Array, temb: jax.Array) -> jax.Array:
@@ -135,6 +136,7 @@ class Attention(nn.Module):
   heads: int
   head_dim: int
   dtype: Any = jnp.float32
+  attention: Optional[str] = None  # the kernel (`attention.multi_head_attention`)
 
   @nn.compact
   def __call__(self, x: jax.Array, context: Optional[jax.Array] = None) -> jax.Array:
@@ -143,7 +145,7 @@ class Attention(nn.Module):
     q = nn.Dense(inner, use_bias=False, dtype=self.dtype, name="to_q")(x)
     k = nn.Dense(inner, use_bias=False, dtype=self.dtype, name="to_k")(context)
     v = nn.Dense(inner, use_bias=False, dtype=self.dtype, name="to_v")(context)
-    o = multi_head_attention(q, k, v, num_heads=self.heads)
+    o = multi_head_attention(q, k, v, num_heads=self.heads, kernel=self.attention)
     return nn.Dense(x.shape[-1], dtype=self.dtype, name="to_out_0")(o)
 
 
@@ -175,12 +177,13 @@ class BasicTransformerBlock(nn.Module):
   heads: int
   head_dim: int
   dtype: Any = jnp.float32
+  attention: Optional[str] = None
 
   @nn.compact
   def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
-    x = x + Attention(self.heads, self.head_dim, self.dtype, name="attn1")(
+    x = x + Attention(self.heads, self.head_dim, self.dtype, self.attention, name="attn1")(
         layer_norm(x, "norm1"))
-    x = x + Attention(self.heads, self.head_dim, self.dtype, name="attn2")(
+    x = x + Attention(self.heads, self.head_dim, self.dtype, self.attention, name="attn2")(
         layer_norm(x, "norm2"), context)
     return x + FeedForward(self.dtype, name="ff")(layer_norm(x, "norm3"))
 
@@ -197,6 +200,7 @@ class Transformer2DModel(nn.Module):
   groups: int
   use_linear_projection: bool
   dtype: Any = jnp.float32
+  attention: Optional[str] = None
 
   @nn.compact
   def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
@@ -208,7 +212,7 @@ class Transformer2DModel(nn.Module):
       h = nn.Dense(inner, dtype=self.dtype, name="proj_in")(h.reshape(b, hh * ww, c))
     else:
       h = conv(inner, 1, "proj_in", self.dtype)(h).reshape(b, hh * ww, inner)
-    h = BasicTransformerBlock(self.heads, head_dim, self.dtype,
+    h = BasicTransformerBlock(self.heads, head_dim, self.dtype, self.attention,
                               name="transformer_blocks_0")(h, context)
     if self.use_linear_projection:
       h = nn.Dense(c, dtype=self.dtype, name="proj_out")(h).reshape(b, hh, ww, c)
@@ -275,6 +279,7 @@ class DownBlock(nn.Module):
   use_linear_projection: bool
   downsample_padding: int
   dtype: Any = jnp.float32
+  attention: Optional[str] = None
 
   @nn.compact
   def __call__(self, x: jax.Array, temb: jax.Array,
@@ -285,7 +290,7 @@ class DownBlock(nn.Module):
                         name=f"resnets_{j}")(x, temb)
       if self.heads is not None:
         x = Transformer2DModel(self.heads, self.groups, self.use_linear_projection,
-                               self.dtype, name=f"attentions_{j}")(x, context)
+                               self.dtype, self.attention, name=f"attentions_{j}")(x, context)
       skips.append(x)
     if self.add_downsample:
       x = Downsample2D(self.downsample_padding, self.dtype, name="downsamplers_0")(x)
@@ -307,6 +312,7 @@ class UpBlock(nn.Module):
   eps: float
   use_linear_projection: bool
   dtype: Any = jnp.float32
+  attention: Optional[str] = None
 
   @nn.compact
   def __call__(self, x: jax.Array, skips: Sequence[jax.Array], temb: jax.Array,
@@ -318,7 +324,7 @@ class UpBlock(nn.Module):
                         name=f"resnets_{j}")(x, temb)
       if self.heads is not None:
         x = Transformer2DModel(self.heads, self.groups, self.use_linear_projection,
-                               self.dtype, name=f"attentions_{j}")(x, context)
+                               self.dtype, self.attention, name=f"attentions_{j}")(x, context)
     if self.add_upsample:
       x = Upsample2D(self.dtype, name="upsamplers_0")(x, upsample_size)
     return x
@@ -336,6 +342,7 @@ class MidBlock2DCrossAttn(nn.Module):
   use_linear_projection: bool
   output_scale_factor: float = 1.0
   dtype: Any = jnp.float32
+  attention: Optional[str] = None
 
   @nn.compact
   def __call__(self, x: jax.Array, temb: jax.Array, context: jax.Array) -> jax.Array:
@@ -343,6 +350,6 @@ class MidBlock2DCrossAttn(nn.Module):
     x = ResnetBlock2D(c, self.groups, self.eps, self.output_scale_factor, self.dtype,
                       name="resnets_0")(x, temb)
     x = Transformer2DModel(self.heads, self.groups, self.use_linear_projection,
-                           self.dtype, name="attentions_0")(x, context)
+                           self.dtype, self.attention, name="attentions_0")(x, context)
     return ResnetBlock2D(c, self.groups, self.eps, self.output_scale_factor, self.dtype,
                          name="resnets_1")(x, temb)

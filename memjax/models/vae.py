@@ -182,6 +182,7 @@ class AttentionBlock(nn.Module):
   """
   groups: int
   dtype: Any = jnp.float32
+  attention: Optional[str] = None  # the kernel (`attention.multi_head_attention`)
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -190,7 +191,7 @@ class AttentionBlock(nn.Module):
     q = nn.Dense(c, dtype=self.dtype, name="to_q")(y)
     k = nn.Dense(c, dtype=self.dtype, name="to_k")(y)
     v = nn.Dense(c, dtype=self.dtype, name="to_v")(y)
-    o = multi_head_attention(q, k, v, num_heads=1)
+    o = multi_head_attention(q, k, v, num_heads=1, kernel=self.attention)
     o = nn.Dense(c, dtype=self.dtype, name="to_out_0")(o)
     return x + o.reshape(b, h, w, c)
 
@@ -200,13 +201,14 @@ class MidBlock2D(nn.Module):
   groups: int
   add_attention: bool = True
   dtype: Any = jnp.float32
+  attention: Optional[str] = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     c = x.shape[-1]
     x = ResnetBlock2D(c, self.groups, self.dtype, name="resnets_0")(x)
     if self.add_attention:
-      x = AttentionBlock(self.groups, self.dtype, name="attentions_0")(x)
+      x = AttentionBlock(self.groups, self.dtype, self.attention, name="attentions_0")(x)
     return ResnetBlock2D(c, self.groups, self.dtype, name="resnets_1")(x)
 
 
@@ -281,6 +283,7 @@ class Encoder(nn.Module):
   """Images [B, H, W, in] -> moments [B, H/f, W/f, 2 * latent] (before quant_conv)."""
   config: VAEConfig
   dtype: Any = jnp.float32
+  attention: Optional[str] = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -290,7 +293,7 @@ class Encoder(nn.Module):
     for i, c in enumerate(chans):
       x = DownEncoderBlock2D(c, cfg.layers_per_block, g, i < len(chans) - 1, dt,
                              name=f"down_blocks_{i}")(x)
-    x = MidBlock2D(g, cfg.mid_block_add_attention, dt, name="mid_block")(x)
+    x = MidBlock2D(g, cfg.mid_block_add_attention, dt, self.attention, name="mid_block")(x)
     x = nn.silu(_group_norm(x, g, "conv_norm_out"))
     return _conv(2 * cfg.latent_channels, 3, "conv_out", dt)(x)
 
@@ -299,13 +302,14 @@ class Decoder(nn.Module):
   """Latents [B, h, w, latent] (after post_quant_conv) -> images [B, h*f, w*f, out]."""
   config: VAEConfig
   dtype: Any = jnp.float32
+  attention: Optional[str] = None
 
   @nn.compact
   def __call__(self, z: jax.Array) -> jax.Array:
     cfg, dt, g = self.config, self.dtype, self.config.norm_num_groups
     chans = tuple(reversed(cfg.block_out_channels))  # widest first
     x = _conv(chans[0], 3, "conv_in", dt)(z)
-    x = MidBlock2D(g, cfg.mid_block_add_attention, dt, name="mid_block")(x)
+    x = MidBlock2D(g, cfg.mid_block_add_attention, dt, self.attention, name="mid_block")(x)
     for i, c in enumerate(chans):
       # One resnet more than the encoder's blocks have, as in diffusers.
       x = UpDecoderBlock2D(c, cfg.layers_per_block + 1, g, i < len(chans) - 1, dt,
@@ -322,11 +326,12 @@ class AutoencoderKL(nn.Module):
   """
   config: VAEConfig
   dtype: Any = jnp.float32
+  attention: Optional[str] = None
 
   def setup(self):
     cfg = self.config
-    self.encoder = Encoder(cfg, self.dtype)
-    self.decoder = Decoder(cfg, self.dtype)
+    self.encoder = Encoder(cfg, self.dtype, self.attention)
+    self.decoder = Decoder(cfg, self.dtype, self.attention)
     self.quant_conv: Optional[nn.Conv] = (
         _conv(2 * cfg.latent_channels, 1, None, self.dtype)
         if cfg.use_quant_conv else None)

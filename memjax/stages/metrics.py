@@ -1,187 +1,80 @@
-"""Detection metrics of memorization scores against labels (ALGORITHMS.md section 5).
+"""The detection-metrics stage: scores joined with labels, every metric computed.
 
-    python -m memjax.metrics --scores=WORKDIR --labels=TABLE_OR_WORKDIR \
-      [--label_column=overfit_type] [--positive=MV,RV,TV] [--k_list=10,100,500] \
-      [--score_columns=scores,wen,edge_scores] [--out=FILE.json]
-
-For every score column (higher = more likely memorized) and for the pooled
-positives as well as each label type separately (never only pooled):
-
-- precision@K = #{positives among the top K by score} / K, ranking every joined
-  row with a score (other positive types too; they do not count for one type),
-  ties by prompt_id ascending (as `results.top_k`); null for fewer than K rows.
-- ROC curve as scikit-learn's `roc_curve(y, s, drop_intermediate=False)`:
-  thresholds at the distinct scores, descending; at threshold t a row is
-  called positive when its score >= t; the curve starts at (fpr, tpr) = (0, 0)
-  with threshold +inf. (sklearn's default drop_intermediate=True, used by Wen
-  et al., removes collinear points; that never changes the AUC and changes
-  TPR@1%FPR only when tied scores make a straight run cross fpr = 0.01.)
-- AUC = trapezoidal area under that curve = Mann-Whitney U / (P N), ties half.
-- TPR@1%FPR = tpr[last index where fpr < 0.01] (Wen et al.'s convention).
-- accuracy = max over the curve of 1 - (fpr + 1 - tpr) / 2.
-
-Positives of a type T are the rows labelled T; negatives, those whose label is
-none of the --positive types (N); other positive types are left out of T's ROC.
-Rows with an empty label or a null / NaN score are dropped (counted in the JSON).
+docs/method.md section 8 (the math: `memjax.method.detection`). Scores come from
+workdirs (their scan and blackbox shards) or tables; labels from a workdir (its
+verify table, or its scan shards for a planted column such as the testbed's
+`kind`) or a table. Rows join on `prompt_id` (a stage fed by a scan keeps the
+scan's id as `scan_prompt_id`, which is used instead), or on the caption when
+the labels have no ids. Rows with an empty label or a null / NaN score are
+dropped (counted in the report). With a workdir, the report is written to
+`WORKDIR/metrics/<name>.json`, listed in `WORKDIR/metrics/manifest.json`.
 """
 import collections
 import dataclasses
+import glob
 import json
 import os
+import time
 from typing import Dict, List, Optional, Sequence
 
-from absl import flags
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
-from memjax import cli
-from memjax.runtime import results
+from memjax.data import tables
+from memjax.method.detection import detection_metrics
+from memjax.runtime import shards
+from memjax.runtime import workdir as workdir_lib
 from memjax.runtime.errors import InputError
 
-PROMPT_ID = results.PROMPT_ID
+STAGE = "metrics"
+PROMPT_ID = shards.PROMPT_ID
 SCAN_ID = "scan_prompt_id"  # a stage fed by a scan workdir keeps the scan's ids here
 DEFAULT_SCORE_COLUMNS = ("scores", "wen", "edge_scores")
-SCORE_STAGES = ("scan", "blackbox")  # workdir subfolders read, in this order.
-LABEL_STAGES = ("verify", "labels")
+SCORE_STAGES = ("scan", "blackbox")  # workdir stage folders read, in this order.
 TIE_ORDER = ("TV", "MV", "RV")  # a caption labelled twice takes the first of these.
 
 
-# fpr, tpr, thresholds: [n_points]; fps, tps: the counts at each point.
-RocCurve = collections.namedtuple("RocCurve", "fpr tpr thresholds fps tps")
+def _workdir_tables(path: str, what: str) -> List[tuple]:
+  """(dataset, source) of a folder: a stage folder's shards, its workdir's
+  scan/blackbox shards, its verify table, or its parquet files."""
+  if shards.list_shards(path):
+    return [(shards.open_shards(path), path)]
+  found = [(shards.open_shards(d), d) for d in
+           (workdir_lib.resolve(path, s) for s in SCORE_STAGES) if shards.list_shards(d)]
+  verify = os.path.join(workdir_lib.resolve(path, "verify"), workdir_lib.VERIFY_TABLE)
+  if what == "labels" and os.path.isfile(verify):
+    found.insert(0, (ds.dataset(tables.read_table(verify)), verify))
+  if found:
+    return found
+  files = sorted(glob.glob(os.path.join(path, "*.parquet")))
+  if not files:
+    raise InputError(f"--{what}={path} holds no result shards (also looked in its stage "
+                     f"folders {', '.join(SCORE_STAGES)} and verify) and no .parquet files.")
+  return [(ds.dataset(tables.read_table(path)), files[0] if len(files) == 1 else path)]
 
 
-def roc_curve(y_true, y_score, drop_intermediate: bool = False) -> RocCurve:
-  """The ROC curve exactly as scikit-learn's `roc_curve` builds it.
-
-  Args:
-    y_true: [N] bool, True for positives (both classes must occur).
-    y_score: [N] finite or infinite float scores, higher = more positive.
-    drop_intermediate: drop collinear points (sklearn's default rule).
-  """
-  y = np.asarray(y_true, bool).ravel()
-  s = np.asarray(y_score, np.float64).ravel()
-  if y.shape != s.shape or np.isnan(s).any() or y.all() or not y.any():
-    raise ValueError("roc_curve needs [N] labels of both classes and [N] non-NaN scores")
-  order = np.argsort(s, kind="mergesort")[::-1]
-  s, y = s[order], y[order]
-  idx = np.r_[np.where(np.diff(s))[0], s.size - 1]
-  tps = np.cumsum(y, dtype=np.int64)[idx]
-  fps = 1 + idx - tps
-  thresholds = s[idx]
-  if drop_intermediate and fps.size > 2:
-    keep = np.where(np.r_[True, np.logical_or(np.diff(fps, 2), np.diff(tps, 2)), True])[0]
-    fps, tps, thresholds = fps[keep], tps[keep], thresholds[keep]
-  fps, tps = np.r_[0, fps], np.r_[0, tps]
-  return RocCurve(fps / fps[-1], tps / tps[-1], np.r_[np.inf, thresholds], fps, tps)
-
-
-def roc_auc(curve: RocCurve) -> float:
-  """Trapezoidal AUC, summed in exact integers and divided once."""
-  twice_area = np.sum(np.diff(curve.fps) * (curve.tps[1:] + curve.tps[:-1]))
-  return float(twice_area / (2 * curve.fps[-1] * curve.tps[-1]))
-
-
-def tpr_at_fpr(curve: RocCurve, max_fpr: float = 0.01) -> float:
-  """tpr at the last point with fpr < max_fpr (point 0 always qualifies)."""
-  return float(curve.tpr[np.where(curve.fpr < max_fpr)[0][-1]])
-
-
-def best_accuracy(curve: RocCurve) -> float:
-  """max(1 - (fpr + 1 - tpr) / 2): balanced accuracy at the best threshold."""
-  return float(np.max(1 - (curve.fpr + 1 - curve.tpr) / 2))
-
-
-def precision_at_k(is_positive, scores, ks: Sequence[int],
-                   tiebreak=None) -> Dict[int, Optional[float]]:
-  """{K: #positives among the top K by score / K}; None when fewer than K rows.
-
-  Ranked by score descending, ties by tiebreak (default: position) ascending.
-  """
-  scores = np.asarray(scores, np.float64)
-  tiebreak = np.arange(scores.size) if tiebreak is None else np.asarray(tiebreak)
-  hits = np.cumsum(np.asarray(is_positive, bool)[np.lexsort((tiebreak, -scores))])
-  return {int(k): (float(hits[k - 1] / k) if 0 < k <= hits.size else None) for k in ks}
-
-
-def detection_metrics(labels: Sequence[str], scores, positive: Sequence[str],
-                      ks: Sequence[int], tiebreak=None) -> Dict[str, dict]:
-  """Metrics for the pooled positives and each positive type.
-
-  Args:
-    labels: [N] label strings (rows with a NaN score are dropped here).
-    scores: [N] float, higher = more likely memorized.
-    positive: the positive label types (e.g. MV, RV, TV).
-    ks: the K of precision@K.
-    tiebreak: [N] ranks ties (default: position).
-
-  Returns:
-    {"pooled" and each type: {auc, tpr_at_1pct_fpr, accuracy, n_pos, n_neg,
-    precision_at_k}}; ROC numbers are None when a class is empty.
-  """
-  scores = np.asarray(scores, np.float64)
-  tiebreak = np.arange(scores.size) if tiebreak is None else np.asarray(tiebreak)
-  valid = ~np.isnan(scores)
-  labels, scores, tiebreak = np.asarray(labels, object)[valid], scores[valid], tiebreak[valid]
-  negative = ~np.isin(labels, list(positive))
-  out = {}
-  for group in ["pooled"] + list(positive):
-    pos = ~negative if group == "pooled" else labels == group
-    row = out[group] = {"n_pos": int(pos.sum()), "n_neg": int(negative.sum()), "auc": None,
-                        "tpr_at_1pct_fpr": None, "accuracy": None,
-                        "precision_at_k": precision_at_k(pos, scores, ks, tiebreak)}
-    if row["n_pos"] and row["n_neg"]:
-      curve = roc_curve(pos[pos | negative], scores[pos | negative])
-      row.update(auc=roc_auc(curve), tpr_at_1pct_fpr=tpr_at_fpr(curve, 0.01),
-                 accuracy=best_accuracy(curve))
-  return out
-
-
-def read_tables(path: str, what: str, stages: Sequence[str], columns) -> List[tuple]:
+def read_tables(path: str, what: str, columns) -> List[tuple]:
   """(table of only `columns`, source, all its column names) per source.
 
-  A workdir gives its own shards and those of its `stages` subfolders that
-  exist (e.g. scan/ and blackbox/); a folder without shards, its <stage>.parquet
-  (e.g. verify.parquet), else all its .parquet files as one table; a file,
-  .parquet, .csv, .tsv or .jsonl/.json. A table with `scan_prompt_id` (a stage
-  fed by a scan workdir renumbers its prompts) joins by it, as its prompt_id.
+  A table with `scan_prompt_id` (a stage fed by a scan workdir renumbers its
+  prompts) joins by it, as its prompt_id.
   """
   if not os.path.exists(path):
     raise InputError(f"--{what}={path} does not exist.")
-  ext = os.path.splitext(path)[1].lower()
   try:
-    if os.path.isdir(path):
-      dirs = [d for d in [path] + [os.path.join(path, s) for s in stages]
-              if results.list_shards(d)]
-      files = ([f for f in (os.path.join(path, s + ".parquet") for s in stages)
-                if os.path.isfile(f)] or
-               sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".parquet")))
-      if not dirs and not files:
-        raise InputError(f"--{what}={path} holds no result shards (also looked in its "
-                         f"subfolders {', '.join(stages)}) and no .parquet files.")
-      found = ([(results.open_shards(d), d) for d in dirs] or
-               [(ds.dataset(files, format="parquet"), files[0] if len(files) == 1 else path)])
-    elif ext == ".parquet":
-      found = [(ds.dataset(path, format="parquet"), path)]
-    elif ext in (".csv", ".tsv"):
-      import pyarrow.csv as pacsv  # pylint: disable=g-import-not-at-top
-      parse = pacsv.ParseOptions(delimiter="\t" if ext == ".tsv" else ",",
-                                 newlines_in_values=True)
-      found = [(ds.dataset(pacsv.read_csv(path, parse_options=parse)), path)]
-    elif ext in (".jsonl", ".json"):
-      import pyarrow.json as pajson  # pylint: disable=g-import-not-at-top
-      found = [(ds.dataset(pajson.read_json(path)), path)]
-    else:
-      raise InputError(f"--{what}={path}: unknown table type '{ext}'; memjax reads .parquet, "
-                       ".csv, .tsv, .jsonl/.json or a workdir.")
+    found = (_workdir_tables(path, what) if os.path.isdir(path) else
+             [(ds.dataset(tables.read_table(path)), path)])
     out = []
     for x, source in found:
-      table = x.to_table(columns=[c for c in x.schema.names if c in set(columns) | {SCAN_ID}])
+      names = x.schema.names
+      table = x.to_table(columns=[c for c in names if c in set(columns) | {SCAN_ID}])
       if SCAN_ID in table.column_names:  # a stage fed by a scan: its ids are the scan's
         table = table.drop_columns([c for c in [PROMPT_ID] if c in table.column_names])
-        table = table.rename_columns([PROMPT_ID if c == SCAN_ID else c for c in table.column_names])
-      out.append((table, source, x.schema.names))
+        table = table.rename_columns([PROMPT_ID if c == SCAN_ID else c
+                                      for c in table.column_names])
+      out.append((table, source, names))
     return out
   except (pa.ArrowException, OSError) as e:
     raise InputError(f"--{what}={path}: cannot read: {e}") from None
@@ -286,14 +179,17 @@ def join_scores(sources: Sequence[tuple], labels: dict, key: str,
 
 @dataclasses.dataclass
 class MetricsConfig:
+  """The metrics stage's settings (each one a flag of `python -m memjax.metrics`)."""
   scores: Sequence[str]  # workdirs or tables
   labels: str
   label_column: str = "overfit_type"
   positive: Sequence[str] = ("MV", "RV", "TV")
   k_list: Sequence[int] = (10, 100, 500)
   score_columns: Optional[Sequence[str]] = None  # None: those of the defaults present.
-  out: Optional[str] = None
   prompt_column: str = "caption"  # the caption join's column
+  out: Optional[str] = None  # a JSON file for the report
+  workdir: Optional[str] = None  # or WORKDIR/metrics/<name>.json, with a manifest
+  name: str = "metrics"
 
 
 def _counts(values) -> Dict[str, int]:
@@ -308,6 +204,7 @@ def run(cfg: MetricsConfig) -> dict:
     counts, "columns" (source and counts per score column) and "results"
     {"pooled" | type: {score column: detection_metrics row}}.
   """
+  t0 = time.perf_counter()
   score_paths = [cfg.scores] if isinstance(cfg.scores, str) else list(cfg.scores)
   if not score_paths or not cfg.labels or not cfg.positive:
     raise InputError("--scores, --labels and --positive must not be empty.")
@@ -317,7 +214,7 @@ def run(cfg: MetricsConfig) -> dict:
     ks = [0]
   if not ks or ks[0] <= 0:
     raise InputError(f"--k_list must be positive integers, got {list(cfg.k_list)}")
-  label_sources = read_tables(cfg.labels, "labels", LABEL_STAGES,
+  label_sources = read_tables(cfg.labels, "labels",
                               {PROMPT_ID, cfg.prompt_column, cfg.label_column})
   table, _, all_names = next((s for s in label_sources if cfg.label_column in s[0].column_names),
                              label_sources[0])
@@ -332,7 +229,7 @@ def run(cfg: MetricsConfig) -> dict:
   labels, captions = _labels_by_key(table, cfg.labels, all_names, key, cfg.label_column,
                                     cfg.prompt_column, info)
   wanted = {PROMPT_ID, cfg.prompt_column, *(cfg.score_columns or DEFAULT_SCORE_COLUMNS)}
-  sources = [s for path in score_paths for s in read_tables(path, "scores", SCORE_STAGES, wanted)]
+  sources = [s for path in score_paths for s in read_tables(path, "scores", wanted)]
   joined = join_scores(sources, labels, key, cfg.score_columns, info, captions,
                        cfg.prompt_column)
   joined_labels = max((j["labels"] for j in joined.values()), key=len)  # the widest join
@@ -355,9 +252,26 @@ def run(cfg: MetricsConfig) -> dict:
       report["results"].setdefault(group, {})[column] = row
   report = json.loads(json.dumps(report, allow_nan=False))  # as in the file: K keys are text
   if cfg.out:
-    os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
-    results.write_json_atomic(cfg.out, report)
+    workdir_lib.write_json(cfg.out, report)
+  if cfg.workdir:
+    _write_to_workdir(cfg, report, t0)
   return report
+
+
+def _write_to_workdir(cfg: MetricsConfig, report: dict, t0: float) -> None:
+  """WORKDIR/metrics/<name>.json, and the manifest listing every report there."""
+  if not cfg.name or os.sep in cfg.name or cfg.name in ("manifest", "run_config"):
+    raise InputError(f"--name={cfg.name!r}: must be a plain file name (not manifest)")
+  folder = workdir_lib.stage_dir(cfg.workdir, STAGE)
+  workdir_lib.write_json(os.path.join(folder, cfg.name + ".json"), report)
+  reports = sorted(n[:-5] for n in os.listdir(folder) if n.endswith(".json") and
+                   n not in (workdir_lib.MANIFEST, workdir_lib.RUN_CONFIG))
+  workdir_lib.write_manifest(cfg.workdir, workdir_lib.Manifest(
+      stage=STAGE, config=dataclasses.asdict(cfg),
+      counts={"reports": len(reports), "joined_rows": {
+          c: v["joined_rows"] for c, v in report["columns"].items()}},
+      timings={"total_s": time.perf_counter() - t0},
+      outputs={name: name + ".json" for name in reports}))
 
 
 def format_table(report: dict) -> str:
@@ -372,27 +286,3 @@ def format_table(report: dict) -> str:
                    f"{fmt(r['tpr_at_1pct_fpr']):>8}{fmt(r['accuracy']):>7}" +
                    "".join(f"{fmt(r['precision_at_k'][str(k)]):>8}" for k in ks))
   return "\n".join(lines)
-
-
-_SCORES = flags.DEFINE_list("scores", None, "Scan/blackbox workdir(s) or score table(s).")
-_LABELS = flags.DEFINE_string("labels", None, "Label table or verify workdir.")
-_LABEL_COLUMN = flags.DEFINE_string("label_column", "overfit_type", "Label column (MV|RV|TV|N).")
-_POSITIVE = flags.DEFINE_list("positive", ["MV", "RV", "TV"], "Labels that count as memorized.")
-_K_LIST = flags.DEFINE_list("k_list", ["10", "100", "500"], "K values of precision@K.")
-_SCORE_COLUMNS = flags.DEFINE_list(
-    "score_columns", None, "Score columns (default: those of scores,wen,edge_scores present).")
-_OUT = flags.DEFINE_string("out", None, "Write the JSON report here.")
-
-
-def main(argv):
-  del argv
-  cfg = MetricsConfig(scores=_SCORES.value or [], labels=_LABELS.value,
-                      label_column=_LABEL_COLUMN.value, positive=_POSITIVE.value,
-                      k_list=_K_LIST.value,
-                      score_columns=_SCORE_COLUMNS.value, out=_OUT.value,
-                      prompt_column=cli.common_flag_values(required=())["prompt_column"])
-  print(format_table(run(cfg)) + (f"\nreport written to {cfg.out}" if cfg.out else ""))
-
-
-if __name__ == "__main__":
-  cli.run_main(main)

@@ -69,14 +69,10 @@ def _num(v, fmt="{:.4g}") -> str:
   return "-" if v is None or v != v else fmt.format(v)
 
 
-def _rate(value, fmt: str) -> str:
-  """A stage's rate; '-' when the last run had nothing left to do (rate 0)."""
-  return "-" if not value else _num(value, fmt)
-
-
-def _resumed_finished(manifest) -> bool:
-  rates = [v for k, v in ((manifest or {}).get("timings") or {}).items() if k.endswith("_per_s")]
-  return bool(rates) and not any(rates)
+def _rate(manifest: Dict) -> str:
+  """A stage's rate with its unit; '-' when no run did any work."""
+  rate = manifest.get("rate")
+  return "-" if not rate else f"{_num(rate, '{:.2f}')} {manifest.get('rate_unit', '')}"
 
 
 def _table(header: Optional[Sequence[str]], rows: List[Sequence], numeric=()) -> str:
@@ -89,7 +85,8 @@ def _table(header: Optional[Sequence[str]], rows: List[Sequence], numeric=()) ->
 
 def _summary(d: Dict) -> str:
   rows = []
-  sm = d.get("scan_manifest") or {}
+  manifests = d.get("manifests") or {}
+  sm = manifests.get("scan") or {}
   ident = sm.get("identity") or {}
   if ident:
     short = str(ident.get("model_identity"))[:12]
@@ -98,31 +95,22 @@ def _summary(d: Dict) -> str:
     rows.append(("seeds / guidance / dtype",
                  f"{ident.get('seeds')} / {ident.get('guidance_scale')} / {ident.get('dtype')}"))
   if sm:
-    t = sm.get("timings", {})
-    rows += [("prompts scanned", f"{sm.get('scored')} of {sm.get('rows')} rows "
-                                 f"(skipped: {sm.get('skipped') or 'none'})"),
-             ("scan time", progress.format_duration(t.get("total_s"))),
-             ("scan rate", f"{_rate(t.get('prompts_per_s'), '{:.1f}')} prompts/s on "
-                           f"{sm.get('devices')} {sm.get('backend')} device(s)")]
+    counts, runtime = sm.get("counts") or {}, sm.get("runtime") or {}
+    rows += [("prompts scanned", f"{counts.get('scored')} of {counts.get('rows')} rows "
+                                 f"(skipped: {counts.get('skipped') or 'none'})"),
+             ("scan time", progress.format_duration((sm.get("timings") or {}).get("total_s"))),
+             ("scan rate", f"{_rate(sm)} on {runtime.get('devices')} "
+                           f"{runtime.get('backend')} device(s)")]
   elif d.get("scan") is not None:
     rows.append(("prompts scanned", len(d["scan"]["prompt_id"])))
-  stage_rows = []
-  for name, key, rate in (("scan", "scan_manifest", "prompts_per_s"),
-                          ("blackbox", "blackbox_manifest", "rows_per_s"),
-                          ("generate", "generate_manifest", "images_per_s"),
-                          ("verify", "verify_manifest", None)):
-    m = d.get(key)
-    if m:
-      t = m.get("timings", {})
-      stage_rows.append((name, progress.format_duration(t.get("total_s")),
-                         _rate(t.get(rate), "{:.2f}") if rate else "-"))
+  stage_rows = [(name, progress.format_duration((m.get("timings") or {}).get("total_s")),
+                 _rate(m)) for name, m in manifests.items()]
   out = "<h2>Summary</h2>" + _table(None, rows)
-  if any(_resumed_finished(d.get(k)) for k in ("scan_manifest", "blackbox_manifest",
-                                                "generate_manifest")):
-    out += ("<p>Times and rates are those of the last run of each stage; a stage that "
-            "found its work already done shows no rate.</p>")
+  if any(m.get("resumed_finished") for m in manifests.values()):
+    out += ("<p>Times and rates are those of the run of each stage that did its work; a "
+            "rerun that found the work done keeps them.</p>")
   if stage_rows:
-    out += "<h3>Stages</h3>" + _table(("stage", "time", "rate (per s)"), stage_rows, (1, 2))
+    out += "<h3>Stages</h3>" + _table(("stage", "time", "rate"), stage_rows, (1, 2))
   counts = _label_counts(d)
   if counts:
     out += "<h3>Counts per label</h3>" + _table(("label source", "counts"), counts)
@@ -137,8 +125,8 @@ def _label_counts(d: Dict) -> List[Sequence]:
       c[k] = c.get(k, 0) + 1
     rows.append(("planted (testbed kind, every prompt)",
                  ", ".join(f"{k}: {v}" for k, v in sorted(c.items()))))
-  vm = d.get("verify_manifest")
-  if vm and vm.get("labels"):
+  vm = ((d.get("manifests") or {}).get("verify") or {}).get("counts") or {}
+  if vm.get("labels"):
     rows.append((f"verified (memjax.verify, {vm.get('prompts')} prompts)",
                  ", ".join(f"{k}: {v}" for k, v in sorted(vm["labels"].items()))))
   return rows

@@ -9,7 +9,7 @@ from typing import Dict, List, Sequence
 
 import numpy as np
 
-from memjax.stages import metrics as metrics_lib
+from memjax.method import detection
 
 _COLORS = {"MV": "#d62728", "TV": "#9467bd", "RV": "#ff7f0e", "N": "#1f77b4",
            "unique": "#1f77b4", "heldout": "#2ca02c"}
@@ -104,8 +104,8 @@ def _roc(plt, path, labels_by_source, scores, positive) -> bool:
         pos = labels == t
         if pos.any() and negative.any():
           keep = pos | negative
-          curve = metrics_lib.roc_curve(pos[keep], s[keep])
-          auc = metrics_lib.roc_auc(curve)
+          curve = detection.roc_curve(pos[keep], s[keep])
+          auc = detection.roc_auc(curve)
           ax.plot(curve.fpr, curve.tpr, style, color=_COLORS.get(t),
                   label=f"{t} {_NAMES[col]} AUC {auc:.3f}")
           drawn = True

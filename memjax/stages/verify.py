@@ -1,12 +1,11 @@
 """Ground-truth labels of generated images: retrieval, template masks, TV/MV/RV/N.
 
-    python -m memjax.verify --generated=GEN_WORKDIR --index=INDEX_DIR --workdir=DIR [--k=16]
-
-ALGORITHMS.md section 4. GEN_WORKDIR is a `memjax.generate` output:
-`generated.parquet` (one row per generated image: `prompt_id`, `caption`, `seed`,
-`sampler`, `steps`, `image_path` (relative to GEN_WORKDIR or absolute) and the
-prompt table's columns, e.g. `index`, `url`, `scores`, `edge_scores`). INDEX_DIR
-is a `memjax.index` workdir. For each prompt:
+docs/method.md sections 5 to 7. `generated` is a workdir (or its generate stage
+folder) whose `generated.parquet` has one row per generated image: `prompt_id`,
+`caption`, `seed`, `sampler`, `steps`, `image_path` (relative to the stage
+folder or absolute) and the prompt table's columns, e.g. `index`, `url`,
+`scores`, `edge_scores`. `index` is a workdir (or its index stage folder) built by
+`memjax.index`. For each prompt:
 
 1. its generated images are embedded with the index's encoder and the k nearest
    training images of each are retrieved (FAISS, inner product on unit
@@ -14,46 +13,45 @@ is a `memjax.index` workdir. For each prompt:
 2. the group's images and the prompt's own training image (found in the index
    by the prompt's `index`, else by its `url`) are loaded at 256 x 256
    (Lanczos, no crop); a missing one is recorded, never compared as black;
-3. template masks come from the group's near-duplicate pairs (`memjax.masks`);
-4. the label is TV, MV, RV or N (`memjax.labels`), every threshold a flag.
+3. template masks come from the group's near-duplicate pairs (`method.masks`);
+4. the label is TV, MV, RV or N (`method.labels`), every threshold a setting.
 
-WORKDIR gets `verify.parquet` (one row per prompt: the reference's columns
-`caption, index, url, scores, edge_scores, overfit_type, gen_seeds,
+`WORKDIR/verify/` gets `verify.parquet` (one row per prompt: the reference's
+columns `caption, index, url, scores, edge_scores, overfit_type, gen_seeds,
 retrieved_urls, mse_real_gen, template_indices`, then memjax's own: every
 measured error, matched ids, statuses; see `_row`), `templates/` (each template
-PNG with its mask PNG beside it, listed in `templates/templates.parquet`) and
+PNG with its mask PNG beside it, listed in `templates/templates.parquet`),
+`image_cache/` (downloaded training images), `run_config.json` and
 `manifest.json`. `mse_real_gen` is, like the reference's thresholds, a SUM of
 squared differences (min over seeds, to the prompt's own image) despite its
 name. A rerun recomputes everything (cheap next to generation) and refuses
-other settings without --overwrite.
+other settings without `overwrite`.
 """
 import collections
 import dataclasses
 import os
-import shutil
 import time
 from typing import Dict, List, Optional
 
-from absl import flags
 from absl import logging
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from PIL import Image
 
-from memjax import cli
 from memjax.data import embed
+from memjax.data import images as images_lib
+from memjax.data import retrieval
+from memjax.data import templates as templates_lib
 from memjax.method import labels as labels_lib
 from memjax.method import masks as masks_lib
+from memjax.runtime import distributed
 from memjax.runtime import progress as progress_lib
-from memjax.runtime import results
-from memjax.data import retrieval
+from memjax.runtime import workdir as workdir_lib
 from memjax.runtime.errors import InputError
 
 STAGE = "verify"
-GENERATED_TABLE = "generated.parquet"
-OUTPUT_TABLE = "verify.parquet"
+IMAGE_SIZE = 256  # docs/method.md section 7: 256 x 256 x 3 in [0, 1]
 _PER_IMAGE = ("seed", "image_path", "status")  # generated.parquet columns not per prompt
 _REFERENCE_COLUMNS = ("caption", "index", "url", "scores", "edge_scores", "overfit_type",
                       "gen_seeds", "retrieved_urls", "mse_real_gen", "template_indices")
@@ -63,6 +61,7 @@ _EMBED_CHUNK = 256  # generated images decoded at once for the encoder
 
 @dataclasses.dataclass
 class VerifyConfig:
+  """The verify stage's settings (each one a flag of `python -m memjax.verify`)."""
   generated: str
   index: str
   workdir: str
@@ -71,19 +70,26 @@ class VerifyConfig:
   embedder: Optional[str] = None  # None: the encoder the index was built with
   embedder_checkpoint: Optional[str] = None
   batch_size: int = 32
-  thresholds: labels_lib.Thresholds = labels_lib.Thresholds()
+  tv_threshold: float = labels_lib.Thresholds.tv
+  mv_threshold: float = labels_lib.Thresholds.mv
+  rv_threshold: float = labels_lib.Thresholds.rv
   template_sse_low: float = masks_lib.SSE_LOW
   template_sse_high: float = masks_lib.SSE_HIGH
   template_pixel_tol: float = masks_lib.PIXEL_TOL
   max_prompts: Optional[int] = None
   overwrite: bool = False
+  log_interval_s: float = 30.0
 
-  def identity(self, index_manifest: Dict) -> Dict:
+  @property
+  def thresholds(self) -> labels_lib.Thresholds:
+    return labels_lib.Thresholds(self.tv_threshold, self.mv_threshold, self.rv_threshold)
+
+  def identity(self, generated_dir: str, store: retrieval.IndexStore) -> Dict:
     d = dataclasses.asdict(self)
-    for key in ("workdir", "overwrite", "batch_size", "embedder_checkpoint"):
+    for key in ("workdir", "overwrite", "batch_size", "embedder_checkpoint", "log_interval_s"):
       d.pop(key)
-    d["generated"], d["index"] = os.path.abspath(self.generated), os.path.abspath(self.index)
-    d["index_ntotal"] = index_manifest.get("ntotal")
+    d["generated"], d["index"] = os.path.abspath(generated_dir), os.path.abspath(store.directory)
+    d["index_ntotal"] = store.info.get("ntotal")
     return d
 
 
@@ -105,10 +111,10 @@ def _embedder(cfg: VerifyConfig, manifest: Dict) -> embed.ImageEmbedder:
   return embedder
 
 
-def _read_generated(cfg: VerifyConfig) -> pa.Table:
-  path = os.path.join(cfg.generated, GENERATED_TABLE)
+def _read_generated(folder: str, location: str) -> pa.Table:
+  path = os.path.join(folder, workdir_lib.GENERATED_TABLE)
   if not os.path.isfile(path):
-    raise InputError(f"--generated={cfg.generated}: no {GENERATED_TABLE} (run memjax.generate)")
+    raise InputError(f"--generated={location}: no {path} (run memjax.generate)")
   try:
     table = pq.read_table(path)
   except (OSError, pa.ArrowException) as e:
@@ -131,8 +137,9 @@ class _ImageCache:
     if key in self.items:
       self.items.move_to_end(key)
       return self.items[key]
-    image, status, error = retrieval.open_image(ref, cache_dir=self.cache_dir)
-    item = (retrieval.to_pixels(image) if image is not None else None, status, error)
+    read = images_lib.read_image(ref, cache_dir=self.cache_dir)
+    item = ((images_lib.to_unit(read.pixels, IMAGE_SIZE) if read.usable else None),
+            read.status, read.detail)
     self.items[key] = item
     if len(self.items) > _CACHE_IMAGES:
       self.items.popitem(last=False)
@@ -194,7 +201,7 @@ def _row(first: dict, prompt_id, result: Optional[labels_lib.LabelResult], extra
   return out
 
 
-def _embed_generated(cfg: VerifyConfig, embedder, store, order, by_prompt):
+def _embed_generated(cfg: VerifyConfig, gen_dir: str, embedder, store, order, by_prompt):
   """Loads, embeds and searches every generated image of the prompts in order.
 
   Returns:
@@ -212,16 +219,14 @@ def _embed_generated(cfg: VerifyConfig, embedder, store, order, by_prompt):
 
   for pid in order:
     for r in by_prompt[pid]:
-      path = r["image_path"]
-      if path and not os.path.isabs(path):
-        path = os.path.join(cfg.generated, path)
-      image, status, error = retrieval.open_image(path)
-      if not path and r.get("status") not in (None, "ok"):
+      read = images_lib.read_image(r["image_path"], gen_dir)
+      status, error = read.status, read.detail
+      if not r["image_path"] and r.get("status") not in (None, "ok"):
         error = f"not generated ({r['status']})"  # generate's reason, e.g. an empty caption
       statuses[(pid, r["seed"])] = status if status == "ok" else f"{status}: {error}"
-      if image is not None:
-        images[(pid, r["seed"])] = np.asarray(
-            image.resize((retrieval.IMAGE_SIZE,) * 2, Image.LANCZOS), np.uint8)
+      if read.usable:
+        image = read.pil()
+        images[(pid, r["seed"])] = images_lib.resize_uint8(image, IMAGE_SIZE)
         pending.append(((pid, r["seed"]), image))
         if len(pending) >= _EMBED_CHUNK:
           flush()
@@ -241,15 +246,15 @@ def _label_prompt(cfg, store, cache, own_images, pid, gen, images, statuses, bes
   first = gen[0]
   group_ids = sorted(best, key=lambda i: -best[i])  # most similar first
   group = store.training.rows(group_ids)
-  loaded = [cache.get(("id", row["id"]), retrieval.image_ref(row)) for row in group]
+  loaded = [cache.get(("id", row["id"]), images_lib.image_ref(row)) for row in group]
   retrieved = [im for im, _, _ in loaded]
   group_keys = [_key(row) for row in group]
-  refs = [retrieval.image_ref(row) for row in group]
+  refs = [images_lib.image_ref(row) for row in group]
   templates = masks_lib.templates_for_group(
       retrieved, group_keys, group=pid, sse_low=cfg.template_sse_low,
       sse_high=cfg.template_sse_high, pixel_tol=cfg.template_pixel_tol)
   own_row = own_images.find(first.get("index"), first.get("url"))
-  own_ref = retrieval.image_ref(own_row) if own_row else first.get("url")
+  own_ref = images_lib.image_ref(own_row) if own_row else first.get("url")
   own, own_status, own_error = cache.get(("ref", own_ref), own_ref)
   present = [r["seed"] for r in gen if (pid, r["seed"]) in images]
   result, matched_refs = None, []
@@ -273,28 +278,37 @@ def _label_prompt(cfg, store, cache, own_images, pid, gen, images, statuses, bes
   return _row(first, pid, result, extra), templates
 
 
-def run(cfg: VerifyConfig) -> Dict:
-  """Labels every prompt of cfg.generated; returns the manifest."""
+def run(cfg: VerifyConfig) -> workdir_lib.Manifest:
+  """Labels every prompt of cfg.generated into WORKDIR/verify; returns the manifest.
+
+  Runs on one process (the caller runs it on process 0).
+  """
   t_start = time.perf_counter()
   if cfg.k < 1:
     raise InputError(f"--k must be >= 1, got {cfg.k}")
-  table = _read_generated(cfg)
+  if cfg.max_prompts is not None and cfg.max_prompts < 1:
+    raise InputError(f"--max_prompts must be >= 1, got {cfg.max_prompts}")
+  gen_dir = workdir_lib.resolve(cfg.generated, "generate")
+  table = _read_generated(gen_dir, cfg.generated)
   store = retrieval.IndexStore(cfg.index, cfg.nprobe)
-  embedder = _embedder(cfg, store.manifest)
-  results.check_run_config(cfg.workdir, cfg.identity(store.manifest), cfg.overwrite, stage=STAGE)
+  embedder = _embedder(cfg, store.info)
+  identity = cfg.identity(gen_dir, store)
+  workdir_lib.check_run_config(cfg.workdir, STAGE, identity, cfg.overwrite)
+  folder = workdir_lib.stage_dir(cfg.workdir, STAGE)
   by_prompt = collections.defaultdict(list)
   for r in table.to_pylist():
     by_prompt[r["prompt_id"]].append(r)
   order = list(by_prompt)[:cfg.max_prompts]  # in table order
 
   t0 = time.perf_counter()
-  images, statuses, neighbours = _embed_generated(cfg, embedder, store, order, by_prompt)
+  images, statuses, neighbours = _embed_generated(cfg, gen_dir, embedder, store, order,
+                                                  by_prompt)
   embed_search_s = time.perf_counter() - t0
   t0 = time.perf_counter()
-  cache = _ImageCache(os.path.join(cfg.workdir, "image_cache"))
+  cache = _ImageCache(os.path.join(folder, workdir_lib.IMAGE_CACHE))
   own_images = _OwnImages(store)
   out_rows, all_templates, counts = [], [], collections.Counter()
-  progress = progress_lib.Progress(len(order), what="prompts labelled", interval_s=30.0)
+  progress = progress_lib.Progress(len(order), "prompts labelled", cfg.log_interval_s)
   for pid in order:
     row, templates = _label_prompt(cfg, store, cache, own_images, pid, by_prompt[pid], images,
                                    statuses, neighbours[pid])
@@ -305,9 +319,26 @@ def run(cfg: VerifyConfig) -> Dict:
     counts[row["overfit_type"] or "none"] += 1
     progress.update(1)
   label_s = time.perf_counter() - t0
-  return _write(cfg, store, embedder, out_rows, all_templates, counts, {
-      "embed_search_s": embed_search_s, "label_s": label_s,
-      "generated_images": len(statuses), "total_s": time.perf_counter() - t_start})
+  workdir_lib.remove(os.path.join(folder, workdir_lib.TEMPLATES))  # no stale PNGs
+  templates_lib.save_templates(os.path.join(folder, workdir_lib.TEMPLATES), all_templates)
+  workdir_lib.write_parquet(os.path.join(folder, workdir_lib.VERIFY_TABLE), _to_table(out_rows))
+  logging.info("verify: %d prompts, labels %s", len(out_rows), dict(sorted(counts.items())))
+  manifest = workdir_lib.Manifest(
+      stage=STAGE, config=dataclasses.asdict(cfg), identity=identity,
+      counts={"prompts": len(out_rows), "labels": dict(sorted(counts.items())),
+              "templates": len(all_templates), "generated_images": len(statuses)},
+      timings={"embed_search_s": embed_search_s, "label_s": label_s,
+               "total_s": time.perf_counter() - t_start},
+      rate=len(out_rows) / label_s if out_rows and label_s else None,
+      rate_unit="prompts/s",
+      outputs={"table": workdir_lib.VERIFY_TABLE, "templates": workdir_lib.TEMPLATES,
+               "image_cache": workdir_lib.IMAGE_CACHE},
+      runtime=distributed.runtime_info(),
+      details={"thresholds": dataclasses.asdict(cfg.thresholds), "k": cfg.k,
+               "index": {k: store.info.get(k) for k in ("ntotal", "dim", "index_factory",
+                                                        "nprobe", "embedder")},
+               "embedder_identity": embedder.identity})
+  return workdir_lib.write_manifest(cfg.workdir, manifest)
 
 
 _TYPES = {"scores": pa.float64(), "edge_scores": pa.float64(), "overfit_type": pa.string(),
@@ -324,69 +355,3 @@ def _to_table(out_rows: List[Dict]) -> pa.Table:
     values = [r.get(name) for r in out_rows]
     columns[name] = pa.array(values, type=_TYPES.get(name))
   return pa.table(columns)
-
-
-def _write(cfg, store, embedder, out_rows, templates, counts, timings) -> Dict:
-  os.makedirs(cfg.workdir, exist_ok=True)
-  folder = os.path.join(cfg.workdir, "templates")
-  shutil.rmtree(folder, ignore_errors=True)  # every run writes them all; no stale PNGs
-  template_table = masks_lib.save_templates(folder, templates)
-  table = _to_table(out_rows)
-  path = os.path.join(cfg.workdir, OUTPUT_TABLE)
-  tmp = f"{path}.{os.getpid()}.tmp"
-  pq.write_table(table, tmp)
-  os.replace(tmp, path)
-  manifest = {
-      "stage": STAGE, "prompts": len(out_rows), "labels": dict(sorted(counts.items())),
-      "thresholds": dataclasses.asdict(cfg.thresholds), "k": cfg.k,
-      "templates": len(templates), "templates_table": template_table, "output": path,
-      "index": {k: store.manifest.get(k) for k in ("ntotal", "dim", "index_factory", "nprobe",
-                                                   "embedder")},
-      "embedder_identity": embedder.identity, "config": {
-          k: v for k, v in dataclasses.asdict(cfg).items() if k != "thresholds"},
-      "timings": timings}
-  results.write_json_atomic(os.path.join(cfg.workdir, "manifest.json"), manifest)
-  logging.info("verify: %d prompts, labels %s", len(out_rows), manifest["labels"])
-  return manifest
-
-
-# ---- command line -----------------------------------------------------------------
-
-_GENERATED = flags.DEFINE_string("generated", None, "memjax.generate workdir (generated.parquet).")
-_INDEX = flags.DEFINE_string("index", None, "memjax.index workdir (FAISS index + metadata).")
-_K = flags.DEFINE_integer("k", 16, "Nearest training images retrieved per generated image.")
-_TV = flags.DEFINE_float("tv_threshold", 2500.0, "TV: masked SSE / mean(mask) below this.")
-_MV = flags.DEFINE_float("mv_threshold", 2500.0, "MV: SSE to the own training image below this.")
-_RV = flags.DEFINE_float("rv_threshold", 3000.0, "RV: SSE to a retrieved image below this.")
-_SSE_LO = flags.DEFINE_float("template_sse_low", masks_lib.SSE_LOW,
-                             "Template pair: SSE above this (not identical).")
-_SSE_HI = flags.DEFINE_float("template_sse_high", masks_lib.SSE_HIGH,
-                             "Template pair: SSE below this (near-identical).")
-_TOL = flags.DEFINE_float("template_pixel_tol", masks_lib.PIXEL_TOL,
-                          "Template mask: summed |q - c| over channels below this.")
-
-
-def _config_from_flags() -> VerifyConfig:
-  f = cli.common_flag_values(required=("workdir",))
-  if not _GENERATED.value or not _INDEX.value:
-    raise InputError("--generated=GEN_WORKDIR and --index=INDEX_DIR are required")
-  given = lambda flag: flag.value if flags.FLAGS[flag.name].present else None
-  return VerifyConfig(
-      generated=_GENERATED.value, index=_INDEX.value, workdir=f["workdir"], k=_K.value,
-      nprobe=retrieval.NPROBE_FLAG.value, embedder=given(embed.EMBEDDER_FLAG),
-      embedder_checkpoint=embed.CHECKPOINT_FLAG.value, batch_size=f["batch_size"],
-      thresholds=labels_lib.Thresholds(_TV.value, _MV.value, _RV.value),
-      template_sse_low=_SSE_LO.value, template_sse_high=_SSE_HI.value,
-      template_pixel_tol=_TOL.value, max_prompts=f["max_prompts"], overwrite=f["overwrite"])
-
-
-def main(argv):
-  del argv
-  cfg = _config_from_flags()
-  m = run(cfg)
-  print(f"verify done: {m['prompts']} prompts, labels {m['labels']}, {m['templates']} "
-        f"templates; results in {os.path.join(cfg.workdir, OUTPUT_TABLE)}")
-
-
-if __name__ == "__main__":
-  cli.run_main(main)

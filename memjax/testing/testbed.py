@@ -1,6 +1,6 @@
 """A synthetic "mini-LAION" whose duplication structure is known.
 
-memjax trains its own tiny Stable Diffusion on this data set (`memjax.train`) and
+memjax trains its own tiny Stable Diffusion on this data set (`python -m memjax.train`) and
 ships it, so the attack can be checked against planted ground truth:
 
 - unique: procedural scenes (a captioned shape on a plain, gradient or striped
@@ -25,6 +25,8 @@ import os
 from typing import Dict, List, Tuple
 
 import numpy as np
+
+from memjax.runtime import workdir as workdir_lib
 
 COLORS = {
     "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 70, 220),
@@ -242,21 +244,19 @@ def write(data: Dict[str, list], out_dir: str) -> Dict[str, str]:
   """
   from PIL import Image  # pylint: disable=g-import-not-at-top
   import pyarrow as pa  # pylint: disable=g-import-not-at-top
-  import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
   os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
   paths = []
   for i, img in enumerate(data["images"]):
     rel = os.path.join("images", f"{i:05d}.png")
-    tmp = os.path.join(out_dir, rel + ".tmp")
-    Image.fromarray(img).save(tmp, format="PNG", optimize=True)
-    os.replace(tmp, os.path.join(out_dir, rel))
+    image = Image.fromarray(img)
+    workdir_lib.write_atomic(os.path.join(out_dir, rel),
+                             lambda f, im=image: im.save(f, format="PNG", optimize=True))
     paths.append(rel)
 
   def save(rows, columns, name):
     table = pa.table({c: [r[c] for r in rows] for c in columns})
     path = os.path.join(out_dir, name)
-    pq.write_table(table, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    workdir_lib.write_parquet(path, table)
     return path
 
   train = [dict(r, image_path=paths[r["image"]]) for r in data["train"]]
@@ -272,140 +272,3 @@ def write(data: Dict[str, list], out_dir: str) -> Dict[str, str]:
                         "train.parquet"),
           "eval": save(evals, ("caption", "kind", "memorized", "image_path", "index"),
                        "eval_prompts.parquet")}
-
-
-# ---- metrics of the planted structure ------------------------------------------------
-
-def roc_auc(pos: np.ndarray, neg: np.ndarray) -> float:
-  """P(score of a positive > score of a negative), ties counted half (Mann-Whitney U)."""
-  pos, neg = np.asarray(pos, np.float64), np.asarray(neg, np.float64)
-  if not len(pos) or not len(neg):
-    return float("nan")
-  greater = (pos[:, None] > neg[None]).sum() + 0.5 * (pos[:, None] == neg[None]).sum()
-  return float(greater / (len(pos) * len(neg)))
-
-
-def auc_table(kinds: np.ndarray, memorized: np.ndarray, columns: Dict[str, np.ndarray]
-              ) -> Dict[str, Dict[str, float]]:
-  """AUC of each kind (and MV+TV+RV pooled) against held-out, for each score column;
-  `precision_at_k_mv`: fraction of MV / of any memorized caption in the top K
-  (K = number of MV captions) by that column."""
-  kinds, memorized = np.asarray(kinds), np.asarray(memorized, bool)
-  held = kinds == "heldout"
-  k = int((kinds == "MV").sum())
-  out = {}
-  for name, v in columns.items():
-    v = np.asarray(v, np.float64)
-    row = {kind: roc_auc(v[kinds == kind], v[held]) for kind in ("MV", "TV", "RV", "unique")}
-    row["memorized"] = roc_auc(v[memorized], v[held])
-    top = np.argsort(-v, kind="stable")[:k]
-    row["precision_at_k_mv"] = float((kinds[top] == "MV").mean()) if k else float("nan")
-    row["precision_at_k_memorized"] = float(memorized[top].mean()) if k else float("nan")
-    out[name] = row
-  return out
-
-
-def nearest_is_own(generated: np.ndarray, own: np.ndarray, train_images: np.ndarray
-                   ) -> np.ndarray:
-  """Whether each generated image is closer (pixel MSE) to its own training image
-  than to every other training image.
-
-  Args:
-    generated: [N, S, S, 3] float in [0, 1]; own: [N] index into train_images;
-    train_images: [M, S, S, 3] float in [0, 1] (distinct images).
-  Returns: [N] bool.
-  """
-  g = generated.reshape(len(generated), -1).astype(np.float64)
-  t = train_images.reshape(len(train_images), -1).astype(np.float64)
-  d = (g ** 2).sum(1)[:, None] - 2 * g @ t.T + (t ** 2).sum(1)[None]
-  own_d = d[np.arange(len(g)), own]
-  d[np.arange(len(g)), own] = np.inf
-  return own_d < d.min(axis=1)
-
-
-# The scan flags of configs/demo_scan.flags: the DCS averaged over 4 start noises.
-# One noise is not enough to rank 20 MV captions above everything else: on the
-# shipped model, seeds 0..3 alone give MV precision@20 of 0.75, 0.65, 0.75, 0.75
-# and MV AUC 0.976 to 1.0; their mean gives 1.0 and 1.0
-# (benchmarks/train_testbed.md).
-EVAL_SEEDS = (0, 1, 2, 3)
-
-
-def evaluate(folder: str, guidance_scale: float = 7.5, seeds=EVAL_SEEDS, batch: int = 64
-             ) -> Dict:
-  """Scores eval_prompts.parquet of a testbed folder with its model/ (the scan's DCS
-  and Wen norm with the scan's noise for each of `seeds`, averaged over seeds as
-  the scan does) and checks what the planted captions generate.
-
-  Returns {"auc": auc_table for `scores` and `wen`, "nearest_own": per kind, the
-  fraction of (caption, seed) pairs whose one-step image (x0_hat with CFG at
-  guidance_scale, decoded, clipped to [0, 1]) is nearer its own training image than
-  any other, "nearest_own_w1": the same for the conditional prediction alone
-  (w = 1), "rows": the per-caption numbers (`nearest_own*`: the fraction of seeds)}.
-  """
-  # pylint: disable=g-import-not-at-top
-  import jax
-  import jax.numpy as jnp
-  import pyarrow.parquet as pq
-  from PIL import Image
-  from memjax.method import noise as noise_lib
-  from memjax.method import whitebox
-  from memjax.models import loading
-  # pylint: enable=g-import-not-at-top
-  seeds = [int(s) for s in seeds]
-  sd = loading.load_stable_diffusion(os.path.join(folder, "model"))
-  ev = pq.read_table(os.path.join(folder, "eval_prompts.parquet")).to_pydict()
-  paths = sorted(set(pq.read_table(os.path.join(folder, "train.parquet"),
-                                   columns=["image_path"]).column(0).to_pylist()))
-  train_images = np.stack([np.asarray(Image.open(os.path.join(folder, p)).convert("RGB"))
-                           for p in paths]).astype(np.float32) / 255.0
-  t = 999
-  c = whitebox.timestep_constants(sd.schedule, t)
-  tp, up, vp = sd.params["text_encoder"], sd.params["unet"], sd.params["vae"]
-  empty = sd.tokenizer.encode_batch([""])["input_ids"]
-  uncond = jax.jit(whitebox.make_uncond_fn(sd.text_encoder.apply, sd.unet.apply, sd.schedule, t))
-
-  def decode(z, e):
-    x0 = c["sigma"] * z - c["sigma"] * e  # section 2's x0_hat, latent space
-    img = sd.vae.apply({"params": vp}, x0 / sd.vae_scaling_factor, method=type(sd.vae).decode)
-    return jnp.clip(img / 2 + 0.5, 0, 1)  # section 3's mapping to [0, 1]
-
-  @jax.jit
-  def one_step(ids, z, e_u):
-    ctx = sd.text_encoder.apply({"params": tp}, ids)
-    x_in = jnp.broadcast_to(c["sqrt_one_minus_abar"] * z, (ids.shape[0],) + z.shape)
-    e_c = whitebox.model_eps(sd.unet.apply, up, x_in, t, ctx, sd.schedule)
-    stats = whitebox.dcs_statistics(e_u, e_c, guidance_scale, c["sigma"])
-    return stats, decode(z, e_u + guidance_scale * (e_c - e_u)), decode(z, e_c)
-
-  ids = sd.tokenizer.encode_batch(ev["caption"])["input_ids"]
-  n = len(ids)
-  pad = -n % batch
-  ids = np.concatenate([ids, np.broadcast_to(empty, (pad, ids.shape[1]))]).astype(np.int32)
-  kinds = np.array(ev["kind"])
-  memorized = np.array(ev["memorized"], bool)
-  index = {p: i for i, p in enumerate(paths)}
-  own = np.array([index.get(p, -1) if p else -1 for p in ev["image_path"]])
-  has = own >= 0
-  scores, wen = np.zeros((n, len(seeds))), np.zeros((n, len(seeds)))
-  near = {"cfg": np.zeros((n, len(seeds)), bool), "w1": np.zeros((n, len(seeds)), bool)}
-  for j, seed in enumerate(seeds):
-    z = jnp.asarray(noise_lib.noise_for_seeds([seed], sd.latent_shape_chw)[0])  # [h, w, c]
-    e_u = uncond(tp, up, jnp.asarray(empty), z[None])[0]
-    outs = [jax.device_get(one_step(jnp.asarray(ids[i:i + batch]), z, e_u))
-            for i in range(0, len(ids), batch)]
-    scores[:, j] = np.concatenate([o[0]["dcs"] for o in outs])[:n]
-    wen[:, j] = np.concatenate([o[0]["wen"] for o in outs])[:n]
-    for key, k in (("cfg", 1), ("w1", 2)):  # at guidance_scale, and the cond. model alone
-      gen = np.concatenate([o[k] for o in outs])[:n]
-      near[key][has, j] = nearest_is_own(gen[has], own[has], train_images)
-  nearest = {key: {k: float(near[key][(kinds == k) & has].mean())
-                   for k in ("MV", "TV", "RV", "unique") if ((kinds == k) & has).any()}
-             for key in near}
-  scores, wen = scores.mean(axis=1), wen.mean(axis=1)
-  return {"guidance_scale": guidance_scale, "seeds": seeds,
-          "auc": auc_table(kinds, memorized, {"scores": scores, "wen": wen}),
-          "nearest_own": nearest["cfg"], "nearest_own_w1": nearest["w1"],
-          "rows": {"caption": ev["caption"], "kind": ev["kind"], "scores": scores.tolist(),
-                   "wen": wen.tolist(), "nearest_own": near["cfg"].mean(axis=1).tolist(),
-                   "nearest_own_w1": near["w1"].mean(axis=1).tolist()}}

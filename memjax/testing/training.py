@@ -15,7 +15,7 @@ Stages, each resumable (rerun the same command):
    scaled_linear schedule, eps or v targets, and the caption replaced by the empty
    one with probability `--cfg_dropout` (classifier-free guidance).
 5. export: WORKDIR/model (diffusers layout, loads in PyTorch), and
-   WORKDIR/train_summary.json with `memjax.testbed.evaluate`'s AUC table.
+   WORKDIR/train_summary.json with `memjax.testing.testbed_eval.evaluate`'s AUC table.
 
 Batches come from numpy's generator seeded by (seed, stage, step), so a run stopped
 at step N and resumed from its checkpoint (written under a temporary name, then
@@ -28,7 +28,6 @@ import shutil
 import time
 from typing import Callable, Dict, Optional, Sequence
 
-from absl import flags
 from absl import logging
 from flax import serialization
 import jax
@@ -36,10 +35,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from memjax import cli
 from memjax.testing import testbed
+from memjax.testing import testbed_eval
 from memjax.testing import tiny
 from memjax.data import tokenizer as tokenizer_lib
+from memjax.runtime import workdir as workdir_lib
 from memjax.runtime.errors import CheckpointError, ConfigError
 from memjax.models import loading
 from memjax.models import saving
@@ -110,11 +110,8 @@ def _ckpt_path(workdir: str, stage: str) -> str:
 
 
 def save_checkpoint(workdir: str, stage: str, state: Dict) -> None:
-  path = _ckpt_path(workdir, stage)
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path + ".tmp", "wb") as f:
-    f.write(serialization.to_bytes(jax.device_get(state)))
-  os.replace(path + ".tmp", path)
+  data = serialization.to_bytes(jax.device_get(state))
+  workdir_lib.write_atomic(_ckpt_path(workdir, stage), lambda f: f.write(data))
 
 
 def load_checkpoint(workdir: str, stage: str) -> Optional[Dict]:
@@ -237,7 +234,7 @@ def _check_identity(cfg: TrainConfig) -> None:
                         "use another --workdir")
   else:
     os.makedirs(cfg.workdir, exist_ok=True)
-    saving.write_json(path, ident)
+    workdir_lib.write_json(path, ident)
 
 
 def run(cfg: TrainConfig) -> Dict:
@@ -313,89 +310,6 @@ def run(cfg: TrainConfig) -> Dict:
              "vae_scaling_factor": scaling, "examples": int(len(examples)),
              "distinct_images": len(images), "unet_params": n_unet}
   if cfg.evaluate:
-    summary["eval"] = testbed.evaluate(cfg.workdir)
-  saving.write_json(os.path.join(cfg.workdir, "train_summary.json"), summary)
+    summary["eval"] = testbed_eval.evaluate(cfg.workdir)
+  workdir_lib.write_json(os.path.join(cfg.workdir, "train_summary.json"), summary)
   return summary
-
-
-# ---- command line -----------------------------------------------------------------------
-
-_SPEC_FLAGS = {f.name: flags.DEFINE_integer(f"testbed_{f.name}", f.default, f"TestbedSpec.{f.name}")
-               for f in dataclasses.fields(testbed.TestbedSpec)}
-_D = TrainConfig
-_TRAIN_SEED = flags.DEFINE_integer("train_seed", _D.seed, "Seed of every weight init and batch.")
-_MERGES = flags.DEFINE_integer("text_num_merges", _D.text_num_merges, "BPE merges kept.")
-_TEXT_H = flags.DEFINE_integer("text_hidden_size", _D.text_hidden_size, "Text encoder width.")
-_TEXT_L = flags.DEFINE_integer("text_layers", _D.text_layers, "Text encoder layers.")
-_VAE_CH = flags.DEFINE_list("vae_channels", ["32", "64"], "VAE block_out_channels.")
-_VAE_STEPS = flags.DEFINE_integer("vae_steps", _D.vae_steps, "VAE optimizer steps.")
-_VAE_BATCH = flags.DEFINE_integer("vae_batch_size", _D.vae_batch_size, "VAE batch size.")
-_VAE_LR = flags.DEFINE_float("vae_learning_rate", _D.vae_learning_rate, "VAE peak lr.")
-_VAE_KL = flags.DEFINE_float("vae_kl_weight", _D.vae_kl_weight, "Weight of the KL term.")
-_UNET_CH = flags.DEFINE_list("unet_channels", ["32", "64"], "UNet block_out_channels.")
-_STEPS = flags.DEFINE_integer("train_steps", _D.train_steps, "UNet optimizer steps.")
-_BATCH = flags.DEFINE_integer("train_batch_size", _D.train_batch_size, "UNet batch size.")
-_LR = flags.DEFINE_float("learning_rate", _D.learning_rate, "UNet peak learning rate.")
-_WARMUP = flags.DEFINE_integer("warmup_steps", _D.warmup_steps, "Linear warm-up steps.")
-_DROP = flags.DEFINE_float("cfg_dropout", _D.cfg_dropout, "P(caption -> empty caption).")
-_PRED = flags.DEFINE_enum("train_prediction_type", _D.prediction_type,
-                          ["epsilon", "v_prediction"], "UNet target.")
-_CKPT = flags.DEFINE_integer("checkpoint_every", _D.checkpoint_every, "Steps between checkpoints.")
-_STOP = flags.DEFINE_integer("train_stop_after", None, "Stop after this many steps (vae+unet).")
-_EVAL = flags.DEFINE_bool("train_evaluate", True, "Score eval_prompts.parquet at the end.")
-
-
-_FIELD_OF_FLAG = {"train_seed": "seed", "train_prediction_type": "prediction_type",
-                  "train_stop_after": "stop_after", "train_evaluate": "evaluate"}
-_FLAG_OBJECTS = [_TRAIN_SEED, _MERGES, _TEXT_H, _TEXT_L, _VAE_CH, _VAE_STEPS, _VAE_BATCH, _VAE_LR,
-                 _VAE_KL, _UNET_CH, _STEPS, _BATCH, _LR, _WARMUP, _DROP, _PRED, _CKPT, _STOP,
-                 _EVAL]
-
-
-def _config(workdir: str, values: Dict) -> TrainConfig:
-  """TrainConfig from {flag name: parsed value} (missing flags: their defaults)."""
-  spec = testbed.TestbedSpec(**{k: values.get(f"testbed_{k}", h.default)
-                                for k, h in _SPEC_FLAGS.items()})
-  kw = {}
-  for h in _FLAG_OBJECTS:
-    value = values.get(h.name, h.default)
-    if h.name in ("vae_channels", "unet_channels"):
-      value = tuple(int(c) for c in value)
-    kw[_FIELD_OF_FLAG.get(h.name, h.name)] = value
-  return TrainConfig(workdir=workdir, spec=spec, **kw)
-
-
-def config_from_flagfile(path: str, workdir: str, **overrides) -> TrainConfig:
-  """The TrainConfig a flagfile gives (for tests: no global flag state changes)."""
-  if not os.path.exists(path):
-    raise ConfigError(f"{path}: flagfile does not exist")
-  values = {}
-  for arg in flags.FLAGS.read_flags_from_files([f"--flagfile={path}"]):
-    name, _, raw = arg.lstrip("-").partition("=")
-    if name not in flags.FLAGS or (not name.startswith("testbed_") and name not in
-                                   {h.name for h in _FLAG_OBJECTS}):
-      raise ConfigError(f"{path}: unknown training flag --{name}")
-    values[name] = flags.FLAGS[name].parser.parse(raw)
-  return dataclasses.replace(_config(workdir, values), **overrides)
-
-
-def _config_from_flags() -> TrainConfig:
-  workdir = cli.common_flag_values(required=("workdir",))["workdir"]
-  values = {h.name: h.value for h in _FLAG_OBJECTS}
-  values.update({f"testbed_{k}": h.value for k, h in _SPEC_FLAGS.items()})
-  return _config(workdir, values)
-
-
-def main(argv):
-  del argv
-  cli.startup_from_flags()
-  summary = run(_config_from_flags())
-  if summary.get("finished"):
-    brief = {k: v for k, v in summary.items() if k != "curve"}
-    if "eval" in brief:
-      brief["eval"] = {k: v for k, v in brief["eval"].items() if k != "rows"}
-    print(json.dumps(brief, indent=1))
-
-
-if __name__ == "__main__":
-  cli.run_main(main)

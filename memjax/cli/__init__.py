@@ -1,0 +1,1 @@
+"""The command-line layer: flags made from the stages' configs, and start-up."""

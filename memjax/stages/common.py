@@ -1,0 +1,97 @@
+"""What the model stages (scan, blackbox, generate, crosscheck) share: loading the
+model with its identity, tokenizing a shard, the one-step constants, and putting
+per-prompt results back into a shard's rows."""
+import dataclasses
+import os
+from typing import Dict, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pyarrow as pa
+
+from memjax.data.tables import PromptChunk
+from memjax.method import whitebox
+from memjax.models import loading
+from memjax.runtime import fingerprint
+
+
+def load_model(model: str, dtype: str, attention: Optional[str],
+               components: Sequence[str] = loading.COMPONENTS) -> loading.StableDiffusion:
+  return loading.load_stable_diffusion(model, dtype, components, attention)
+
+
+def model_identity(model: str, dtype: str, attention: Optional[str]) -> Dict:
+  """What of the model a run config records."""
+  return {"model": os.path.abspath(model), "model_identity": fingerprint.model_identity(model),
+          "dtype": dtype, "attention": attention}
+
+
+@dataclasses.dataclass
+class Tokenized:
+  """The scorable rows of a shard, tokenized.
+
+  Attributes:
+    chunk: the rows (`PromptChunk`).
+    valid: [n] bool, rows with a caption to score.
+    rows: [n_valid] indices of those rows in the chunk.
+    ids: [n_valid, 77] int32 token ids.
+    n_tokens, truncated: [n_valid] per caption.
+  """
+  chunk: PromptChunk
+  valid: np.ndarray
+  rows: np.ndarray
+  ids: np.ndarray
+  n_tokens: np.ndarray
+  truncated: np.ndarray
+
+
+def tokenize(chunk: PromptChunk, tokenizer) -> Tokenized:
+  valid = np.array([t is not None for t in chunk.texts], bool)
+  enc = tokenizer.encode_batch([t for t in chunk.texts if t is not None])
+  return Tokenized(chunk, valid, np.flatnonzero(valid),
+                   np.ascontiguousarray(enc["input_ids"], np.int32), enc["n_tokens"],
+                   enc["truncated"])
+
+
+def empty_ids(sd: loading.StableDiffusion) -> np.ndarray:
+  """[77] int32 tokens of the empty prompt (the unconditional input and the padding)."""
+  return np.asarray(sd.tokenizer.encode_batch([""])["input_ids"][0], np.int32)
+
+
+def onestep_bound(sd: loading.StableDiffusion, noise: np.ndarray, mesh, components) -> Dict:
+  """Params of `components`, the start noise and e_u (the unconditional eps,
+  once per seed, `whitebox.make_uncond_fn`), placed on the mesh."""
+  from memjax.runtime import engine  # pylint: disable=g-import-not-at-top
+  bound = engine.replicate({k: sd.params[k] for k in components}, mesh)
+  bound["noise"] = engine.replicate(jnp.asarray(noise), mesh)
+  uncond = jax.jit(whitebox.make_uncond_fn(sd.text_embed, sd.unet_out, sd.schedule,
+                                           sd.schedule.last_timestep))
+  bound["e_u"] = engine.replicate(uncond(bound["text_encoder"], bound["unet"],
+                                         jnp.asarray(empty_ids(sd)[None]), bound["noise"]), mesh)
+  return bound
+
+
+def scatter(n: int, rows: np.ndarray, values: np.ndarray, dtype: pa.DataType) -> pa.Array:
+  """Per-valid-row values -> an [n] column, null where no value."""
+  full = np.zeros((n,) + values.shape[1:], values.dtype)
+  full[rows] = values
+  mask = np.ones(n, bool)
+  mask[rows] = False
+  return pa.array(full, type=dtype, mask=mask)
+
+
+def scatter_list(n: int, rows: np.ndarray, values, dtype: pa.DataType) -> pa.Array:
+  """Per-valid-row lists (or objects) -> an [n] column, null where no value."""
+  full = [None] * n
+  for i, v in zip(rows, values):
+    full[int(i)] = v
+  return pa.array(full, type=dtype)
+
+
+def append_columns(table: pa.Table, columns: Dict[str, pa.Array]) -> pa.Table:
+  for name, column in columns.items():
+    if name in table.column_names:  # our own column wins (a source renames clashes)
+      table = table.drop_columns([name])
+    table = table.append_column(name, column)
+  return table
