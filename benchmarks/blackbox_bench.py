@@ -5,11 +5,14 @@
 builds random SD folders with `memjax.testing.tiny` ("tiny" = the tests' sd1 style, 32 px
 images; "medium" = 32 x 32 latents, 256 px images) and times, per model and batch
 size, on JAX's default backend (one device):
-- memjax's jitted one-step sampler (text encoder + one UNet forward per seed +
-  VAE decode, `memjax.onestep`), compile time separately;
-- the host side of the attack per image (uint8, PIL Lanczos to 256, Sobel edges);
+- the blackbox stage's own step (`memjax.stages.blackbox.make_step`: text encoder +
+  one UNet forward per seed + VAE decode + rounding to uint8, the `BoundStep`
+  `memjax.blackbox` runs), compile time separately;
+- the host side of the attack per image, as the stage scores it (PIL Lanczos to
+  256, Sobel edges: `images.to_unit`, `edges.edge_score_numpy`);
 - with --torch, PyTorch diffusers computing the same images
-  (`TorchWhitebox.onestep_images`, CFG pair per prompt) on the same folder.
+  (`TorchWhitebox.onestep_images`, CFG pair per prompt) on the same folder, and
+  the largest difference to the stage's step built with `as_uint8=False`.
 An image is one (prompt, seed) sample. Prints one JSON object per row.
 """
 import argparse
@@ -18,32 +21,29 @@ import os
 import platform
 import sys
 import tempfile
-import time
 
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+import bench_models  # pylint: disable=g-import-not-at-top  # benchmarks/bench_models.py
 import bench_timing  # pylint: disable=g-import-not-at-top  # benchmarks/bench_timing.py
 
 STYLES = {"tiny": "sd1", "medium": "medium"}
+GUIDANCE = 7.5
 
 
 def bench_model(name, folder, batch_sizes, seeds, repeats, with_torch):
   import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from memjax.method import edges, onestep, whitebox  # pylint: disable=g-import-not-at-top
+  from memjax.data import images as images_lib  # pylint: disable=g-import-not-at-top
+  from memjax.method import edges  # pylint: disable=g-import-not-at-top
+  from memjax.method import noise as noise_lib  # pylint: disable=g-import-not-at-top
   from memjax.models import loading  # pylint: disable=g-import-not-at-top
+  from memjax.runtime import distributed  # pylint: disable=g-import-not-at-top
+  from memjax.stages import blackbox  # pylint: disable=g-import-not-at-top
   sd = loading.load_stable_diffusion(folder)
-  p = sd.params
-  c, h, w = sd.latent_shape_chw
-  noise = jax.random.normal(jax.random.PRNGKey(0), (seeds, h, w, c), jnp.float32)
-  empty = sd.tokenizer.encode_batch([""])["input_ids"]
-  e_u = jax.jit(whitebox.make_uncond_fn(sd.text_encoder.apply, sd.unet.apply, sd.schedule, 999))(
-      p["text_encoder"], p["unet"], empty, noise)
-  sample = jax.jit(onestep.make_onestep_fn(sd.text_encoder.apply, sd.unet.apply,
-                                           onestep.vae_decode_fn(sd), sd.schedule, 7.5,
-                                           sd.vae_scaling_factor))
+  mesh = distributed.local_mesh(1)
+  noise = noise_lib.noise_for_seeds(range(seeds), sd.latent_shape_chw)  # [S, h, w, c]
   torch_ref = None
   if with_torch:
     from memjax.testing.torch_reference import TorchWhitebox  # pylint: disable=g-import-not-at-top
@@ -51,29 +51,28 @@ def bench_model(name, folder, batch_sizes, seeds, repeats, with_torch):
   rows = []
   for batch in batch_sizes:
     captions = [f"a photo of object {i} on a table" for i in range(batch)]
-    ids = jnp.asarray(sd.tokenizer.encode_batch(captions)["input_ids"])
-    args = (p["text_encoder"], p["unet"], p["vae"], ids, noise, e_u)
-    t0 = time.perf_counter()
-    compiled = sample.lower(*args).compile()
-    compile_s = time.perf_counter() - t0
-    out = np.asarray(jax.block_until_ready(compiled(*args)))
-    gen_s = bench_timing.median_time(lambda: jax.block_until_ready(compiled(*args)), repeats,
+    ids = bench_models.token_ids(sd, captions)
+    step = blackbox.make_step(sd, noise, GUIDANCE, batch, mesh)
+    _, compile_s, _ = bench_timing.compile_step(step)
+    pixels, _ = jax.device_get(bench_timing.run_step(step, ids))  # uint8 [B, S, H, W, 3]
+    gen_s = bench_timing.median_time(lambda: bench_timing.run_step(step, ids), repeats,
                                      warmup=False)
-    pixels = onestep.to_uint8(out)
 
-    def host():
+    def host():  # what the stage does per prompt (blackbox._score_prompt)
       for group in pixels:
-        edges.edge_score_numpy([edges.resize_for_edges(im) for im in group])
+        edges.edge_score_numpy([images_lib.to_unit(im, edges.EDGE_SIZE) for im in group])
 
     host_s = bench_timing.median_time(host, max(1, repeats // 2), warmup=False)
     n = batch * seeds
-    row = {"model": name, "batch": batch, "seeds": seeds, "image_px": list(out.shape[2:4]),
+    row = {"model": name, "batch": batch, "seeds": seeds, "image_px": list(pixels.shape[2:4]),
            "compile_s": round(compile_s, 2), "gen_images_per_s": round(n / gen_s, 2),
            "host_edge_images_per_s": round(n / host_s, 2),
            "end_to_end_images_per_s": round(n / (gen_s + host_s), 2),
            "backend": jax.default_backend()}
     if torch_ref is not None:
-      z = np.asarray(noise).transpose(0, 3, 1, 2)
+      exact = blackbox.make_step(sd, noise, GUIDANCE, batch, mesh, as_uint8=False)
+      out, _ = jax.device_get(bench_timing.run_step(exact, ids))  # float32 in [0, 1]
+      z = noise.transpose(0, 3, 1, 2)
       torch_out = torch_ref.onestep_images(captions, z)
       torch_s = bench_timing.median_time(lambda: torch_ref.onestep_images(captions, z),
                                          repeats, warmup=False)

@@ -26,16 +26,16 @@ def main():
   a = p.parse_args()
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from memjax.testing import tiny  # pylint: disable=g-import-not-at-top
-  from memjax.method import whitebox
-  from memjax.models import attention, loading  # pylint: disable=g-import-not-at-top
+  from memjax.method import whitebox  # pylint: disable=g-import-not-at-top
   from memjax.method.schedule import Schedule  # pylint: disable=g-import-not-at-top
+  from memjax.models import loading  # pylint: disable=g-import-not-at-top
+  from memjax.testing import tiny  # pylint: disable=g-import-not-at-top
 
-  # The XLA kernel: its dot_general FLOPs are what the GPU paths compute too.
-  attention.set_attention_implementation("xla")
   cfgs = tiny.tiny_configs(a.arch)
   schedule = Schedule.from_config(cfgs["scheduler"])
-  mods = {n: loading.build_module(n, cfgs[n], n) for n in ("unet", "text_encoder")}
+  # The XLA kernel: its dot_general FLOPs are what the GPU paths compute too.
+  mods = {n: loading.build_module(n, cfgs[n], n, attention="xla")
+          for n in ("unet", "text_encoder")}
   prm = {n: loading.abstract_params(n, mods[n], cfgs[n]) for n in mods}
   size, ch = cfgs["unet"]["sample_size"], cfgs["unet"]["in_channels"]
   f32 = jnp.float32
@@ -43,15 +43,18 @@ def main():
   noise = jax.ShapeDtypeStruct((1, size, size, ch), f32)
   x = jax.ShapeDtypeStruct((1, size, size, ch), f32)
   ctx = jax.ShapeDtypeStruct((1, 77, cfgs["unet"]["cross_attention_dim"]), f32)
-  t = jnp.full((1,), 999, jnp.int32)
+  t = jnp.full((1,), schedule.last_timestep, jnp.int32)
 
   def flops(fn, *args):
     cost = jax.jit(fn).lower(*args).cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return float(cost["flops"])
 
-  score = whitebox.make_score_fn(mods["text_encoder"].apply, mods["unet"].apply, schedule,
-                                 7.5, 999)
+  # The scan's pure score function with the modules the stage builds (counting
+  # needs no weights: the engine's bound step would need real ones, 4 GB at SD1.5).
+  text = lambda p, i: mods["text_encoder"].apply({"params": p}, i)
+  unet_out = lambda p, xx, tt, cc: mods["unet"].apply({"params": p}, xx, tt, cc)
+  score = whitebox.make_score_fn(text, unet_out, schedule, 7.5, schedule.last_timestep)
   unet = lambda up, xx, cc: mods["unet"].apply({"params": up}, xx, t, cc)
   rows = {"arch": a.arch, "latents": f"{size}x{size}",
           "step": flops(score, prm["text_encoder"], prm["unet"], ids, noise, noise),

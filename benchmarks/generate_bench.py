@@ -1,13 +1,15 @@
-"""Multi-step generation throughput (images/s) of memjax.sampling on this machine.
+"""Multi-step generation throughput (images/s) of the generate stage on this machine.
 
     python benchmarks/generate_bench.py --styles=sd1,medium --steps=1,32 --samplers=heun,ddim
 
 builds random SD folders with `memjax.testing.tiny` ("sd1": 16 x 16 latents, 32 px images;
 "medium": 32 x 32 latents, 256 px images), and times, per style, sampler and number
-of steps, the whole jitted loop (text encoder, 2 * steps - 1 CFG UNet calls for
-Heun or `steps` for DDIM, VAE decode) on --prompts x --seeds images at once:
-compile time separately, then the median of --repeats runs. Writes a JSON file
-under benchmarks/results/ and prints one line per case.
+of steps, the generate stage's own step (`memjax.stages.generate.make_step`: the
+whole jitted loop, text encoder, 2 * steps - 1 CFG UNet calls for Heun or `steps`
+for DDIM, VAE decode, rounding to uint8; the `BoundStep` `memjax.generate` runs, on
+one device) on --prompts x --seeds images at once: compile time separately, one
+untimed call, then the median of --repeats runs. Writes a JSON file under
+benchmarks/results/ and prints one line per case.
 """
 import argparse
 import datetime
@@ -22,27 +24,26 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+import bench_models  # pylint: disable=g-import-not-at-top  # benchmarks/bench_models.py
+import bench_timing  # pylint: disable=g-import-not-at-top  # benchmarks/bench_timing.py
 
-def bench_case(sd, scheduler_config, sampler, steps, prompts, seeds, repeats):
+
+def bench_case(sd, sampler, steps, prompts, seeds, repeats):
   """Times one (sampler, steps) case; returns a dict of results."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from memjax.method import noise as noise_lib  # pylint: disable=g-import-not-at-top
   from memjax.method import sampling  # pylint: disable=g-import-not-at-top
-  plan = sampling.make_plan(sampler, sd.schedule, scheduler_config, steps)
-  fn = jax.jit(sampling.sample_fn_for_model(sd, plan, 7.5))
-  params = jax.device_put({k: sd.params[k] for k in ("text_encoder", "unet", "vae")})
-  ids = jnp.asarray(sd.tokenizer.encode_batch([f"a photo of thing {i}" for i in range(prompts)])
-                    ["input_ids"])
-  empty = jnp.asarray(sd.tokenizer.encode_batch([""])["input_ids"][0])
-  c, h, w = sd.latent_shape_chw
-  noise = jax.random.normal(jax.random.PRNGKey(0), (seeds, h, w, c), jnp.float32)
-  t0 = time.perf_counter()
-  compiled = fn.lower(params, ids, empty, noise).compile()
-  compile_s = time.perf_counter() - t0
+  from memjax.runtime import distributed  # pylint: disable=g-import-not-at-top
+  from memjax.stages import generate  # pylint: disable=g-import-not-at-top
+  plan = sampling.make_plan(sampler, sd.schedule, sd.scheduler_config, steps)
+  noise = noise_lib.noise_for_seeds(range(seeds), sd.latent_shape_chw)
+  step = generate.make_step(sd, plan, noise, 7.5, prompts, distributed.local_mesh(1))
+  ids = bench_models.token_ids(sd, [f"a photo of thing {i}" for i in range(prompts)])
+  _, compile_s, _ = bench_timing.compile_step(step)
+  bench_timing.run_step(step, ids)  # the first call (dispatch caches), not timed
   times = []
   for _ in range(repeats):
     t0 = time.perf_counter()
-    jax.block_until_ready(compiled(params, ids, empty, noise))
+    bench_timing.run_step(step, ids)
     times.append(time.perf_counter() - t0)
   run_s = float(np.median(times))
   n = prompts * seeds
@@ -71,11 +72,9 @@ def main():
     for style in a.styles.split(","):
       folder = tiny.build_tiny_model(os.path.join(tmp, style), style, seed=0)
       sd = loading.load_stable_diffusion(folder)
-      with open(os.path.join(folder, "scheduler", "scheduler_config.json")) as f:
-        scheduler_config = json.load(f)
       for sampler in a.samplers.split(","):
         for steps in (int(s) for s in a.steps.split(",")):
-          r = bench_case(sd, scheduler_config, sampler, steps, a.prompts, a.seeds, a.repeats)
+          r = bench_case(sd, sampler, steps, a.prompts, a.seeds, a.repeats)
           r.update(style=style, image_px=sd.latent_shape_chw[1] * 2 ** (
               len(sd.configs["vae"]["block_out_channels"]) - 1))
           out["cases"].append(r)

@@ -3,38 +3,41 @@
     python benchmarks/gpu_profile.py --arch=sd15 --batch=128
 
 No hardware counters are needed (the method: time variants that leave one stage
-out and take differences). Variants, each jitted and timed (median of --repeats
-after a warm-up), on random weights of the chosen architecture:
+out and take differences). Variants, each a `BoundStep` of the stages' engine
+(`memjax.runtime.engine`) on one device, compiled (`step.lower().compile()`) and
+timed (median of --repeats after a warm-up call), on random weights of the chosen
+architecture (`memjax.testing.tiny.random_model`, bfloat16, memjax's attention
+kernel):
 
-- step: text encoder on B prompts + UNet on B latents + the DCS statistics
-  (what `memjax.scan` runs);
+- step: the scan stage's own step (`memjax.stages.scan.make_step`: text encoder
+  on B prompts + UNet on B latents + the DCS statistics, what `memjax.scan` runs);
 - text: the text encoder alone;
-- unet: the UNet alone on a given context;
+- unet: the UNet alone on the text encoder's context (copied to the device per
+  call, as the ids are for the other steps);
 - unet_no_attention: the UNet with every attention call replaced by its query
   (so the difference to `unet` is the attention kernels' time);
-- precision: DCS in bfloat16 against float32 on the same weights, noise and
-  prompts (batch --precision_batch), max and mean relative difference.
+- precision: the scan step's DCS in bfloat16 against float32 on the same weights
+  (float32 master copy), noise and prompts (batch --precision_batch), max and mean
+  relative difference.
 """
 import argparse
 import json
 import os
 import sys
-import time
 
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+import bench_models  # pylint: disable=g-import-not-at-top  # benchmarks/bench_models.py
 import bench_timing  # pylint: disable=g-import-not-at-top  # benchmarks/bench_timing.py
 
 
-def _timed(fn, args, repeats):
-  import jax  # pylint: disable=g-import-not-at-top
-  t0 = time.perf_counter()
-  compiled = jax.jit(fn).lower(*args).compile()
-  compile_s = time.perf_counter() - t0
-  out = jax.block_until_ready(compiled(*args))  # the warm-up call, whose output is kept
-  run_s = bench_timing.median_time(lambda: jax.block_until_ready(compiled(*args)), repeats,
+def _timed(step, batch, repeats):
+  """(median seconds of a call, compile seconds, output of the warm-up call)."""
+  _, compile_s, _ = bench_timing.compile_step(step)
+  out = bench_timing.run_step(step, batch)  # the warm-up call, whose output is kept
+  run_s = bench_timing.median_time(lambda: bench_timing.run_step(step, batch), repeats,
                                    warmup=False)
   return run_s, compile_s, out
 
@@ -48,63 +51,42 @@ def main():
   p.add_argument("--out", default=None)
   a = p.parse_args()
   import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from memjax.method import noise as noise_lib  # pylint: disable=g-import-not-at-top
+  from memjax.runtime import distributed  # pylint: disable=g-import-not-at-top
+  from memjax.stages import scan  # pylint: disable=g-import-not-at-top
   from memjax.testing import tiny  # pylint: disable=g-import-not-at-top
-  from memjax.method import whitebox
-  from memjax.models import attention  # pylint: disable=g-import-not-at-top
-  from memjax.models import loading  # pylint: disable=g-import-not-at-top
-  from memjax.method.schedule import Schedule  # pylint: disable=g-import-not-at-top
 
-  cfgs = tiny.tiny_configs(a.arch)
-  schedule = Schedule.from_config(cfgs["scheduler"])
-  host = {n: tiny.random_params(n, cfgs[n]) for n in ("unet", "text_encoder")}
-  size, ch = cfgs["unet"]["sample_size"], cfgs["unet"]["in_channels"]
-  rows = {"device": jax.devices()[0].device_kind, "arch": a.arch, "batch": a.batch}
+  # One draw of random weights: the float32 master, and its bfloat16 variant.
+  sd32 = tiny.random_model(a.arch, "float32", components=("unet", "text_encoder"))
+  sd = bench_models.variant(sd32, "bfloat16")
+  mesh = distributed.local_mesh(1)
+  noise = noise_lib.noise_for_seeds([0], sd.latent_shape_chw)
+  ids = bench_models.random_ids(a.batch, 49000, seed=2)
+  rows = {"device": mesh.devices.flat[0].device_kind, "arch": a.arch, "batch": a.batch}
 
-  def setup(dtype, batch):
-    mods = {n: loading.build_module(n, cfgs[n], n, dtype) for n in host}
-    prm = {n: jax.device_put(jax.tree.map(lambda x: np.asarray(x, dtype), host[n])) for n in host}
-    ids = jnp.asarray(np.random.default_rng(2).integers(0, 49000, (batch, 77)), jnp.int32)
-    noise = jnp.asarray(np.random.default_rng(1).standard_normal((1, size, size, ch)), jnp.float32)
-    e_u = jax.jit(whitebox.make_uncond_fn(mods["text_encoder"].apply, mods["unet"].apply,
-                                          schedule, 999))(prm["text_encoder"], prm["unet"],
-                                                          ids[:1], noise)
-    return mods, prm, ids, noise, e_u
-
-  mods, prm, ids, noise, e_u = setup(jnp.bfloat16, a.batch)
-  score = whitebox.make_score_fn(mods["text_encoder"].apply, mods["unet"].apply, schedule, 7.5, 999)
-  t, c, _ = _timed(score, (prm["text_encoder"], prm["unet"], ids, noise, e_u), a.repeats)
+  t, c, _ = _timed(scan.make_step(sd, noise, 7.5, a.batch, mesh), ids, a.repeats)
   rows["step"] = {"ms": t * 1e3, "compile_s": c, "prompts_per_s": a.batch / t}
   print(json.dumps(rows["step"]), flush=True)
-  text = lambda tp, i: mods["text_encoder"].apply({"params": tp}, i)
-  t, c, ctx = _timed(text, (prm["text_encoder"], ids), a.repeats)
+  t, c, ctx = _timed(bench_models.text_step(sd, a.batch, mesh), ids, a.repeats)
+  ctx = np.asarray(jax.device_get(ctx))  # the UNet steps' input, on the host
   rows["text"] = {"ms": t * 1e3, "compile_s": c}
   print(json.dumps(rows["text"]), flush=True)
-  x = jnp.broadcast_to(noise.astype(jnp.bfloat16), (a.batch, size, size, ch))
-  tt = jnp.full((a.batch,), 999, jnp.int32)
-  unet = lambda up, xx, cc: mods["unet"].apply({"params": up}, xx, tt, cc)
-  t, c, _ = _timed(unet, (prm["unet"], x, ctx), a.repeats)
+  t, c, _ = _timed(bench_models.unet_step(sd, noise, a.batch, mesh), ctx, a.repeats)
   rows["unet"] = {"ms": t * 1e3, "compile_s": c}
   print(json.dumps(rows["unet"]), flush=True)
-  real = jax.nn.dot_product_attention, attention.blocked_attention
-  # Leave attention out, whichever kernel memjax chose (XLA/cuDNN, or blocked on CPU).
-  jax.nn.dot_product_attention = lambda q, k, v, **kw: q
-  attention.blocked_attention = lambda q, k, v, *args, **kw: q.astype(jnp.float32)
-  try:
-    t, c, _ = _timed(lambda up, xx, cc: mods["unet"].apply({"params": up}, xx, tt, cc),
-                     (prm["unet"], x, ctx), a.repeats)
-  finally:
-    jax.nn.dot_product_attention, attention.blocked_attention = real
+  # Leave attention out, whichever kernel memjax chose (XLA/cuDNN, or blocked on CPU):
+  # a new step, traced, compiled and timed inside.
+  with bench_models.attention_left_out():
+    t, c, _ = _timed(bench_models.unet_step(sd, noise, a.batch, mesh), ctx, a.repeats)
   rows["unet_no_attention"] = {"ms": t * 1e3, "compile_s": c}
   print(json.dumps(rows["unet_no_attention"]), flush=True)
   # bf16 against fp32 DCS, same weights (fp32 master copy), noise and prompts.
+  ids_p = bench_models.random_ids(a.precision_batch, 49000, seed=2)
   dcs = {}
-  for name, dtype in (("bfloat16", jnp.bfloat16), ("float32", jnp.float32)):
-    mods_p, prm_p, ids_p, noise_p, e_u_p = setup(dtype, a.precision_batch)
-    fn = whitebox.make_score_fn(mods_p["text_encoder"].apply, mods_p["unet"].apply, schedule,
-                                7.5, 999)
-    dcs[name] = np.asarray(jax.jit(fn)(prm_p["text_encoder"], prm_p["unet"], ids_p, noise_p,
-                                       e_u_p)["dcs"], np.float64)
+  for name, model in (("bfloat16", sd), ("float32", sd32)):
+    step = scan.make_step(model, noise, 7.5, a.precision_batch, mesh)
+    dcs[name] = np.asarray(bench_timing.run_step(step, ids_p)["dcs"], np.float64)
+    del step
   rel = np.abs(dcs["bfloat16"] - dcs["float32"]) / np.abs(dcs["float32"])
   rows["precision"] = {"batch": a.precision_batch, "max_rel_diff": float(rel.max()),
                        "mean_rel_diff": float(rel.mean())}

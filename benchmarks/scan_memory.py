@@ -4,8 +4,9 @@
 
 Writes a caption table of each size (parquet), scans it with the `micro` model
 (the smallest valid UNet, so time goes to the pipeline, not the model) in a child
-process, and reports the child's peak RSS (ru_maxrss) and prompts/s. Flat peak
-RSS across sizes = streaming works (nothing per prompt is held in memory).
+process, and reports the child's peak RSS (ru_maxrss), prompts/s (the rate of
+WORKDIR/scan/manifest.json) and the number of rows scored. Flat peak RSS across
+sizes = streaming works (nothing per prompt is held in memory).
 """
 import argparse
 import json
@@ -50,11 +51,14 @@ def main():
     r = subprocess.run(cmd, env=env, capture_output=True, text=True)
     wall = time.time() - t0
     rss = [l for l in r.stderr.splitlines() if l.startswith("MAXRSS_KB")]
-    manifest = json.load(open(f"{tmp}/w{n}/manifest.json"))
+    if r.returncode != 0:
+      raise SystemExit(f"memjax.scan failed (exit {r.returncode}):\n{r.stderr[-3000:]}")
+    with open(os.path.join(tmp, f"w{n}", "scan", "manifest.json")) as f:
+      manifest = json.load(f)  # memjax.runtime.workdir.Manifest
     row = {"rows": n, "peak_rss_mb": round(int(rss[-1].split()[1]) / 1024, 1) if rss else None,
            "wall_s": round(wall, 1),
-           "prompts_per_s": round(manifest["timings"]["prompts_per_s"], 1),
-           "scored": manifest["scored"]}
+           "prompts_per_s": round(manifest["rate"] or 0.0, 1),
+           "scored": manifest["counts"]["scored"]}
     rows.append(row)
     print(json.dumps(row), flush=True)
 

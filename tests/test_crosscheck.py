@@ -1,10 +1,12 @@
 """memjax.crosscheck: memjax's scan and PyTorch diffusers agree on the same folder."""
-import json
 import os
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
+from memjax.runtime import shards
+from memjax.runtime import workdir as workdir_lib
 from memjax.stages import crosscheck
 
 CAPTIONS = [f"a {a} {b} in the {c}" for a in ("small", "large", "striped") for b in ("cat", "boat")
@@ -16,38 +18,69 @@ def test_fp32_passes(style, tiny_sd1, tiny_sd2, tmp_path):
   model = {"sd1": tiny_sd1, "sd2": tiny_sd2}[style]
   p = tmp_path / "p.txt"
   p.write_text("\n".join([""] + CAPTIONS) + "\n")  # an empty first row is skipped
-  s = crosscheck.run(crosscheck.CrossCheckConfig(model=model, prompts=str(p),
+  m = crosscheck.run(crosscheck.CrossCheckConfig(model=model, prompts=str(p),
                                                  workdir=str(tmp_path / "w"), n=12))
+  s = m.details
   print(s["verdict"])
+  assert isinstance(m, workdir_lib.Manifest) and m.stage == "crosscheck"
   assert s["passed"], s["verdict"]
+  assert s["verdict"].startswith("PASS")
   assert s["n"] == 12 and s["max_rel_diff"] <= 1e-4 and s["spearman"] >= 0.9999
-  assert s["topk_overlap"] == 1.0
-  saved = json.load(open(tmp_path / "w" / "crosscheck.json"))
-  assert {"max_rel_diff", "spearman", "topk_overlap", "n", "dtype"} <= set(saved)
+  assert s["topk_overlap"] == 1.0 and s["memjax_compiles"] == 1
+  folder = tmp_path / "w" / "crosscheck"
+  saved = workdir_lib.read_manifest(str(tmp_path / "w"), "crosscheck")
+  assert {"max_rel_diff", "spearman", "topk_overlap", "n", "dtype", "verdict",
+          "passed"} <= set(saved.details)
+  assert saved.details["verdict"] == s["verdict"]
+  # The files both implementations read, both scores, and memjax's own scan workdir.
+  assert pq.read_table(folder / "prompts.parquet")["caption"].to_pylist() == CAPTIONS
+  assert np.load(folder / "noise.npy").shape == (1, 4, 16, 16)
+  table = pq.read_table(folder / "crosscheck.parquet")
+  assert table["caption"].to_pylist() == CAPTIONS
+  np.testing.assert_allclose(table["memjax_scores"].to_numpy(), table["torch_scores"].to_numpy(),
+                             rtol=1e-4)
+  assert float(table["rel_diff"].to_numpy().max()) == pytest.approx(s["max_rel_diff"])
+  inner = workdir_lib.stage_dir(str(folder / "memjax"), "scan")
+  ours = shards.open_shards(inner).to_table().sort_by("prompt_id")
+  np.testing.assert_array_equal(ours["scores"].to_numpy().astype(np.float64),
+                                table["memjax_scores"].to_numpy())
+  assert m.outputs["memjax_workdir"] == "memjax"
 
 
 def test_bfloat16_reports_figures(tiny_sd1, tmp_path):
   p = tmp_path / "p.txt"
   p.write_text("\n".join(CAPTIONS) + "\n")
-  s = crosscheck.run(crosscheck.CrossCheckConfig(model=tiny_sd1, prompts=str(p),
+  m = crosscheck.run(crosscheck.CrossCheckConfig(model=tiny_sd1, prompts=str(p),
                                                  workdir=str(tmp_path / "w"), n=8,
                                                  dtype="bfloat16"))
+  s = m.details
   print(s["verdict"])
   assert s["verdict"].startswith("REPORT") and "passed" not in s
   assert 0 < s["max_rel_diff"] < 1  # bf16 differs, but it is the same score
-  assert os.path.exists(tmp_path / "w" / "crosscheck.parquet")
+  assert s["n"] == 8 and s["dtype"] == "bfloat16"
+  assert os.path.exists(tmp_path / "w" / "crosscheck" / "crosscheck.parquet")
 
 
 def test_compare_on_hand_made_arrays():
   c = crosscheck.compare(np.array([3.0, 2.0, 1.0, 0.5]), np.array([3.0, 2.2, 1.0, 0.4]))
   assert abs(c["max_rel_diff"] - 0.25) < 1e-12 and c["spearman"] == 1.0
+  assert c["topk_overlap"] == 1.0
+  c = crosscheck.compare(np.array([1.0, 2.0, 3.0]), np.array([3.0, 2.0, 1.0]), k=1)
+  assert c["spearman"] == pytest.approx(-1.0) and c["topk_overlap"] == 0.0
 
 
 def test_blackbox_images_and_edges_agree(tiny_sd2, tmp_path):
   p = tmp_path / "p.txt"
   p.write_text("\n".join(CAPTIONS[:3]) + "\n")
-  s = crosscheck.run(crosscheck.CrossCheckConfig(model=tiny_sd2, prompts=str(p),
+  m = crosscheck.run(crosscheck.CrossCheckConfig(model=tiny_sd2, prompts=str(p),
                                                  workdir=str(tmp_path / "w"), n=3, blackbox=True))
+  s = m.details
   print(s["verdict"])
   assert s["blackbox"]["max_abs_pixel_diff"] <= 1 / 255
   assert s["blackbox"]["seeds"] == [0, 1, 2, 3]
+  # A pixel that rounds to the other uint8 value flips a few of the 256 x 256 edge
+  # pixels (1.5e-5 each): the scores agree to a handful of pixels.
+  assert s["blackbox"]["edge_scores_max_abs_diff"] <= 20 / 256 ** 2
+  assert "blackbox:" in s["verdict"]
+  saved = workdir_lib.read_manifest(str(tmp_path / "w"), "crosscheck")
+  assert saved.details["blackbox"]["seeds"] == [0, 1, 2, 3]

@@ -1,69 +1,155 @@
-"""memjax.extract: the whole attack, end to end, on a tiny random model and a micro testbed."""
+"""memjax.extract: the whole attack end to end (the micro attack of conftest.py), the
+workdir layout, resume, and every flag of the command reaching its stage."""
+import dataclasses
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
+import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
-from memjax.stages import extract
-from memjax.testing import testbed
+from conftest import REPO, micro_config, parse_command
+from memjax import extract as extract_cmd
+from memjax.method import noise as noise_lib
+from memjax.runtime import workdir as workdir_lib
 from memjax.runtime.errors import InputError
+from memjax.stages import extract
 
-ROOT = os.path.join(os.path.dirname(__file__), "..")
-MICRO = testbed.TestbedSpec(num_unique=40, num_mv=4, mv_copies=10, num_tv_groups=1,
-                            tv_members=3, tv_copies=5, num_rv=1, rv_captions=2, rv_copies=5,
-                            num_heldout=10, eval_unique=10)
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")  # conftest.py
 
 
-def _tiny_cfg(model, paths, workdir, **kw):
-  base = dict(model=model, prompts=paths["eval"], workdir=workdir, training_set=paths["train"],
-              top_k=4, batch_size=8, blackbox_seeds=(0, 1), generate_seeds=(0, 1),
-              sampler="ddim", steps=2, blackbox_batch_size=4, generate_batch_size=4,
-              k_list=(2, 4), log_interval_s=60.0)
-  base.update(kw)
-  return extract.ExtractConfig(**base)
-
-
-@pytest.mark.slow  # about a minute on 2 cores: every stage compiles once
-def test_end_to_end_on_a_micro_testbed_and_resume(tiny_sd1, tmp_path):
-  paths = testbed.write(testbed.generate(MICRO), str(tmp_path / "testbed"))
-  w = str(tmp_path / "run")
-  out = extract.run(_tiny_cfg(tiny_sd1, paths, w))
+def test_every_stage_writes_only_its_own_folder(micro_extract):
+  w, out = micro_extract["workdir"], micro_extract["out"]
   assert set(out["timings"]) == set(extract.STAGES)
-  assert out["report"] == os.path.join(w, "report", "index.html")
-  for path in ("scan", "blackbox", "generated.parquet", "index/faiss.index",
-               "verify/verify.parquet", "metrics_planted.json", "extract.json"):
-    assert os.path.exists(os.path.join(w, path)), path
+  assert sorted(os.listdir(w)) == sorted(extract.STAGES + ("extract",))
+  for stage in extract.STAGES + ("extract",):
+    m = workdir_lib.read_manifest(w, stage)
+    assert m is not None and m.stage == stage, stage
+    for name in m.outputs.values():
+      if "*" not in name:
+        assert os.path.exists(os.path.join(workdir_lib.stage_dir(w, stage), name)), (stage, name)
+  for stage in ("scan", "blackbox", "generate"):
+    m = workdir_lib.read_manifest(w, stage)
+    assert m.runtime["compiles"] == 1 and m.rate > 0 and m.rate_unit, stage
+  assert out["report"] == workdir_lib.path(w, "report", "index.html")
   page = open(out["report"], encoding="utf-8").read()
   ids = [int(x) for x in re.findall(r"data-prompt-id='(\d+)'", page)]
-  with open(os.path.join(w, "report", "report.json")) as f:
-    rep = json.load(f)
-  assert len(ids) == 4 and ids == rep["ids"] and rep["missing"] == []
-  assert page.count("img/onestep/") == 4 * 2 and page.count("img/generated/") == 4 * 2
-  # A rerun of the same command resumes: nothing is scored or generated again.
-  again = extract.run(_tiny_cfg(tiny_sd1, paths, w, stages=("scan", "blackbox", "generate")))
-  assert again["timings"]["generate"] < out["timings"]["generate"] + 5
-  with open(os.path.join(w, "manifest.json")) as f:
-    assert json.load(f)["timings"]["prompts_scored_this_run"] == 0
+  rep = workdir_lib.read_manifest(w, "report")
+  assert len(ids) == 12 and ids == rep.details["ids"] and rep.details["missing"] == []
+  assert page.count("img/onestep/") == 12 * 2 and page.count("img/generated/") == 12 * 2
+  labels = pq.read_table(workdir_lib.path(w, "verify", "verify.parquet"))["overfit_type"]
+  assert labels.to_pylist().count("MV") >= 4  # the bundled model reproduces its MV images
+
+
+def test_rerun_resumes_and_other_settings_are_refused(micro_extract, tmp_path):
+  w = str(tmp_path / "copy")
+  shutil.copytree(micro_extract["workdir"], w)
+  before = workdir_lib.read_manifest(w, "generate")
+  cfg = micro_config(micro_extract["folder"], w, stages=("scan", "blackbox", "generate"))
+  extract.run(cfg)
+  for stage in ("scan", "blackbox", "generate"):
+    m = workdir_lib.read_manifest(w, stage)
+    assert m.resumed_finished and m.timings["prompts_this_run"] > 0, stage  # the first run's
+  assert workdir_lib.read_manifest(w, "generate").timings == before.timings
+  other = micro_config(micro_extract["folder"], w, stages=("generate",),
+                       options={"generate": {"steps": 3}})
   with pytest.raises(InputError, match="other settings"):
-    extract.run(_tiny_cfg(tiny_sd1, paths, w, steps=3, stages=("generate",)))
+    extract.run(other)
 
 
 def test_config_errors(tmp_path):
   with pytest.raises(InputError, match="unknown stage"):
     extract.run(extract.ExtractConfig(model="m", prompts="p", workdir=str(tmp_path),
                                       stages=("scan", "sacn")))
-  with pytest.raises(InputError, match="extract_training_set"):
+  with pytest.raises(InputError, match="training_set"):
     extract.run(extract.ExtractConfig(model="m", prompts="p", workdir=str(tmp_path)))
+  with pytest.raises(InputError, match="no setting"):
+    extract.stage_configs(extract.ExtractConfig(model="m", prompts="p", workdir="w",
+                                                options={"scan": {"sedes": [1]}}))
+  with pytest.raises(InputError, match="set by extract itself"):
+    extract.stage_configs(extract.ExtractConfig(model="m", prompts="p", workdir="w",
+                                                options={"blackbox": {"prompts": "x"}}))
+
+
+def _value(stage, field, kind, default, d):
+  """A valid value other than the default for every flag of the micro attack."""
+  special = {
+      "noise": d["noise"], "prompt_column": "text", "csv_delimiter": ";", "dtype": "bfloat16",
+      "attention": "xla", "devices": 4, "log_interval_s": 5.0, "guidance_scale": 6.5,
+      ("scan", "seeds"): [1, 2], ("blackbox", "seeds"): [2, 3], ("generate", "seeds"): [1],
+      ("scan", "top_k"): 11, ("blackbox", "top_k"): 11, ("generate", "top_k"): 10,
+      ("report", "top_k"): 6, "max_prompts": 27, ("blackbox", "max_prompts"): 11,
+      ("generate", "max_prompts"): 9, ("verify", "max_prompts"): 8, "shard_size": 5,
+      "batch_size": 16, ("index", "batch_size"): 64, ("verify", "batch_size"): 8,
+      "edge_threshold": 1.25, "edge_consistency": 0.4, "image_column": "img",
+      "max_image_pixels": 10 ** 6, "edge_workers": 2, "sampler": "ddim", "steps": 4,
+      "sigma_interpolation": "log", "embeddings": d["embeddings"], "embedder": "random",
+      "embedder_checkpoint": d["checkpoint"], "index_factory": "IVF4,Flat", "nprobe": 2,
+      "max_images": 1030, "chunk_rows": 500, "max_train": 700, "k": 3,
+      "tv_threshold": 2400.0, "mv_threshold": 2600.0, "rv_threshold": 2900.0,
+      "template_sse_low": 90.0, "template_sse_high": 1100.0, "template_pixel_tol": 0.04,
+      "positive": ["MV", "RV"], "k_list": [2, 4], "score_columns": ["scores", "wen"]}
+  value = special.get((stage, field), special.get(field))
+  assert value is not None and value != default, (stage, field, kind, default)
+  return value
+
+
+def _flag_text(value):
+  return ",".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def test_every_flag_reaches_its_stage_manifest(micro_extract, tmp_path):
+  """Each flag of memjax.extract set to a non-default value: found in the config of
+  every stage it names, and, for a real run, in that stage's manifest."""
+  src = pq.read_table(micro_extract["prompts"])
+  table = src.append_column("text", src["caption"])
+  pq.write_table(table, tmp_path / "eval.parquet")
+  z = noise_lib.noise_for_seeds([5, 6], (4, 8, 8)).transpose(0, 3, 1, 2)  # the testbed latents
+  np.save(tmp_path / "noise.npy", z)
+  (tmp_path / "fake.ckpt").write_bytes(b"x")
+  emb = str(tmp_path / "laion")
+  index_dir = workdir_lib.stage_dir(micro_extract["workdir"], "index")
+  for sub in ("img_emb", "metadata"):
+    shutil.copytree(os.path.join(index_dir, sub), os.path.join(emb, sub))
+  d = {"noise": str(tmp_path / "noise.npy"), "embeddings": emb,
+       "checkpoint": str(tmp_path / "fake.ckpt")}
+  argv, expected = [], []
+  for name, targets in extract_cmd.flag_table().items():
+    stage, opt = targets[0]
+    kind, default = extract_cmd.options.field_info(extract.CONFIGS[stage], opt.field)
+    value = _value(stage, opt.field, kind, default, d)
+    argv.append(f"--{name}={_flag_text(value)}")
+    expected += [(name, s, o.field, value) for s, o in targets]
+  w = str(tmp_path / "w")
+  base = [f"--model={os.path.join(REPO, 'memjax/assets/testbed/model')}",
+          f"--prompts={tmp_path / 'eval.parquet'}", f"--workdir={w}",
+          f"--training_set={os.path.join(REPO, 'memjax/assets/testbed/train.parquet')}"]
+  cfg = parse_command(extract_cmd, base + argv)
+  configs = extract.stage_configs(cfg)
+  for name, stage, field, value in expected:
+    assert getattr(configs[stage], field) == value, (name, stage, field)
+  # A real run: a checkpoint for the random encoder is refused, so those two are
+  # checked in the configs above only.
+  run_cfg = dataclasses.replace(cfg, options={
+      s: {f: v for f, v in o.items() if f != "embedder_checkpoint"}
+      for s, o in cfg.options.items()})
+  extract.run(run_cfg)
+  for name, stage, field, value in expected:
+    if field == "embedder_checkpoint":
+      continue
+    manifest = workdir_lib.read_manifest(w, stage)
+    assert manifest.config[field] == json.loads(json.dumps(value)), (name, stage, field)
 
 
 def test_demo_flagfile_parses(tmp_path):
   """Every flag of configs/demo.flags exists (absl refuses unknown ones)."""
   cmd = [sys.executable, "-m", "memjax.extract", "--flagfile=configs/demo.flags",
-         f"--workdir={tmp_path}", "--extract_stages=none"]
-  done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+         f"--workdir={tmp_path}", "--stages=none"]
+  done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
                         env=dict(os.environ, JAX_PLATFORMS="cpu"), check=False)
   assert done.returncode == 2, done.stderr[-3000:]
-  assert done.stderr.strip().splitlines()[-1].startswith("error: --extract_stages: unknown")
+  assert done.stderr.strip().splitlines()[-1].startswith("error: --stages: unknown")

@@ -1,4 +1,4 @@
-"""memjax.labels against an independent restatement of ALGORITHMS.md section 4.
+"""memjax.labels against an independent restatement of docs/method.md section 7.
 
 `_rule` below restates the rules with plain numpy loops, in the reference's
 order (TV, MV, RV, N), strict `<`, and a missing image (None) skipped, never
@@ -6,7 +6,6 @@ replaced by a black image.
 """
 import numpy as np
 import pytest
-from PIL import Image
 
 from memjax.method import labels
 from memjax.method import masks
@@ -127,15 +126,18 @@ def test_thresholds_are_strict_and_parameters(world):
   assert row["overfit_type"] == "MV" and "label" not in row and row["gen_seeds"] == [0]
 
 
-def test_loaded_images_carry_their_status(world):
+def test_missing_images_are_none(world):
   own, q1 = world["own"], world["q1"]
   gen = np.stack([q1, own])
-  got = labels.label_prompt(gen, labels.LoadedImage(None, "unreadable", "x.jpg: broken"),
-                            [labels.LoadedImage(q1, "ok"), labels.LoadedImage(None, "missing")],
-                            retrieved_ids=["a", "b"])
-  assert got.label == "RV" and got.own_status == "unreadable" and got.missing_ids == ["b"]
+  # The own image could not be read (None), the second retrieved one neither.
+  got = labels.label_prompt(gen, None, [q1, None], retrieved_ids=["a", "b"])
+  assert got.label == "RV" and got.own_status == "missing" and got.missing_ids == ["b"]
   assert got.rv_matched_ids == ["a"] and got.gen_seeds == [0] and got.mv_error is None
-  assert labels.label_prompt(gen, labels.LoadedImage(own, "ok")).label == "MV"
+  assert got.mv_error_per_seed is None and got.n_retrieved == 1 and not got.complete
+  assert got.rv_error == 0.0
+  full = labels.label_prompt(gen, own, [q1], retrieved_ids=["a"])
+  assert full.label == "MV" and full.own_status == "ok" and full.complete
+  assert full.gen_seeds == [1] and full.mv_error == 0.0
 
 
 def test_bad_shapes_are_input_errors(world):
@@ -146,33 +148,3 @@ def test_bad_shapes_are_input_errors(world):
     labels.label_prompt(gen, None, [world["q1"][:, :100]])
   with pytest.raises(InputError, match="expected"):
     labels.label_prompt(world["own"], None)
-
-
-def test_load_training_image(tmp_path):
-  assert labels.load_training_image(None).status == "missing"
-  assert labels.load_training_image("").status == "missing"
-  got = labels.load_training_image(str(tmp_path / "nope.jpg"))
-  assert got.image is None and got.status == "missing" and "nope.jpg" in got.detail
-  (tmp_path / "bad.jpg").write_bytes(b"not an image at all")
-  got = labels.load_training_image(str(tmp_path / "bad.jpg"))
-  assert got.image is None and got.status == "unreadable"
-  (tmp_path / "cut.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
-  assert labels.load_training_image(str(tmp_path / "cut.png")).status == "unreadable"
-  # 2:1 RGBA image, left half red, right half blue: squeezed, not cropped
-  a = np.zeros((100, 200, 4), np.uint8)
-  a[:, :100] = (255, 0, 0, 128)
-  a[:, 100:] = (0, 0, 255, 255)
-  Image.fromarray(a, "RGBA").save(tmp_path / "wide.png")
-  got = labels.load_training_image(str(tmp_path / "wide.png"))
-  assert got.status == "ok" and got.image.shape == (N, N, 3) and got.image.dtype == np.float32
-  want = np.asarray(Image.open(tmp_path / "wide.png").convert("RGB").resize(
-      (N, N), Image.LANCZOS), np.float32) / 255
-  np.testing.assert_array_equal(got.image, want)
-  np.testing.assert_array_equal(got.image[:, 0], [[1, 0, 0]] * N)
-  np.testing.assert_array_equal(got.image[:, -1], [[0, 0, 1]] * N)
-  from_bytes = labels.load_training_image((tmp_path / "wide.png").read_bytes())
-  np.testing.assert_array_equal(from_bytes.image, got.image)
-  Image.fromarray(np.full((30, 40), 77, np.uint8), "L").save(tmp_path / "gray.jpg")
-  got = labels.load_training_image(str(tmp_path / "gray.jpg"))
-  assert got.image.shape == (N, N, 3)
-  np.testing.assert_array_equal(got.image[..., 0], got.image[..., 2])

@@ -43,7 +43,9 @@ def test_parity_with_diffusers_on_the_folder(folder):
   text = CLIPTextModel.from_pretrained(f"{folder}/text_encoder").eval()
   with torch.no_grad():
     ref_ctx = text(torch.from_numpy(ids.astype(np.int64)))[0].numpy()
-  ctx = sd.text_encoder.apply({"params": sd.params["text_encoder"]}, jnp.asarray(ids))
+  ctx = sd.text_embed(sd.params["text_encoder"], jnp.asarray(ids))
+  np.testing.assert_array_equal(ctx, sd.text_encoder.apply(
+      {"params": sd.params["text_encoder"]}, jnp.asarray(ids)))
   report["text_encoder"] = _rel(ctx, ref_ctx)
   # UNet at t = 999 and t = 500.
   unet = UNet2DConditionModel.from_pretrained(f"{folder}/unet").eval()
@@ -52,16 +54,15 @@ def test_parity_with_diffusers_on_the_folder(folder):
   for t in (999, 500):
     with torch.no_grad():
       ref = unet(torch.from_numpy(x), t, encoder_hidden_states=torch.from_numpy(ref_ctx)).sample
-    out = sd.unet.apply({"params": sd.params["unet"]}, jnp.asarray(x.transpose(0, 2, 3, 1)),
-                        jnp.full((2,), t), jnp.asarray(ref_ctx))
+    out = sd.unet_out(sd.params["unet"], jnp.asarray(x.transpose(0, 2, 3, 1)),
+                      jnp.full((2,), t), jnp.asarray(ref_ctx))
     report[f"unet_t{t}"] = _rel(np.asarray(out).transpose(0, 3, 1, 2), ref.numpy())
   # VAE decode and encode.
   vae = AutoencoderKL.from_pretrained(f"{folder}/vae").eval()
   with torch.no_grad():
     img = vae.decode(torch.from_numpy(x)).sample
     post = vae.encode(img).latent_dist
-  dec = sd.vae.apply({"params": sd.params["vae"]}, jnp.asarray(x.transpose(0, 2, 3, 1)),
-                     method=type(sd.vae).decode)
+  dec = sd.vae_decode(sd.params["vae"], jnp.asarray(x.transpose(0, 2, 3, 1)))
   report["vae_decode"] = _rel(np.asarray(dec).transpose(0, 3, 1, 2), img.numpy())
   mean, logvar = sd.vae.apply({"params": sd.params["vae"]},
                               jnp.asarray(img.numpy().transpose(0, 2, 3, 1)),
@@ -70,6 +71,24 @@ def test_parity_with_diffusers_on_the_folder(folder):
   report["vae_encode_logvar"] = _rel(np.asarray(logvar).transpose(0, 3, 1, 2), post.logvar.numpy())
   print(os.path.basename(folder), json.dumps({k: f"{v:.2e}" for k, v in report.items()}))
   assert all(v <= TOL for v in report.values()), report
+
+
+def test_scheduler_config_and_schedule(folder, tmp_path):
+  with open(os.path.join(folder, "scheduler", "scheduler_config.json")) as f:
+    want = json.load(f)
+  assert loading.read_scheduler_config(folder) == want
+  sd = loading.load_stable_diffusion(folder, components=("text_encoder",))
+  assert sd.scheduler_config == want and sd.attention is None
+  assert sd.schedule.prediction_type == want["prediction_type"]
+  assert sd.schedule.num_train_timesteps == want["num_train_timesteps"] == 1000
+  assert sd.schedule.last_timestep == 999
+  assert sd.unet is None and sd.vae is None and "unet" in sd.configs  # config read, not built
+  d = _copy(folder, tmp_path)
+  os.remove(os.path.join(d, "scheduler", "scheduler_config.json"))
+  with pytest.raises(ConfigError, match="scheduler_config.json: missing"):
+    loading.read_scheduler_config(d)
+  with pytest.raises(ConfigError, match="scheduler_config.json: missing"):
+    loading.load_stable_diffusion(d, components=("text_encoder",))
 
 
 def test_folder_generates_with_diffusers_pipeline(tiny_sd1):

@@ -1,4 +1,5 @@
-"""memjax.masks against an independent numpy restatement of ALGORITHMS.md section 4.
+"""memjax.method.masks against an independent numpy restatement of docs/method.md
+section 6, and memjax.data.templates (templates on disk).
 
 The rule, restated here without scipy: pairs (i < j) of present images with
 100 < SSE < 1000; agree = sum_c |q - c| < 0.03; erode with a 3 x 3 square
@@ -11,7 +12,9 @@ import os
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
+from memjax.data import templates as templates_lib
 from memjax.method import masks
 from memjax.runtime.errors import InputError
 
@@ -135,7 +138,9 @@ def test_template_mask_edges_and_shapes():
 def test_save_and_load_templates(tmp_path):
   images = list(_group().values())
   templates = masks.templates_for_group(images, [f"id{i}" for i in range(len(images))], group=3)
-  path = masks.save_templates(str(tmp_path / "tpl"), templates)
+  assert len(templates) >= 2
+  path = templates_lib.save_templates(str(tmp_path / "tpl"), templates)
+  assert path == str(tmp_path / "tpl" / "templates.parquet")
   table = pq.read_table(path).to_pylist()
   assert len(table) == len(templates)
   for row, t in zip(table, templates):
@@ -145,10 +150,57 @@ def test_save_and_load_templates(tmp_path):
     assert os.path.exists(tmp_path / "tpl" / row["mask_path"])
     assert row["template_id"] == t.template_id and row["group"] == "3"
     assert row["mask_fraction"] == t.mask_fraction
-  back = masks.load_templates(path, group=3)
-  assert len(back) == len(templates) and masks.load_templates(path, group=4) == []
+    assert row["partner_id"] == t.partner_id and row["sse"] == t.sse
+    assert (row["height"], row["width"]) == t.mask.shape
+    # The mask is an RGB PNG of 0 and 255.
+    with Image.open(tmp_path / "tpl" / row["mask_path"]) as mask_png:
+      assert mask_png.mode == "RGB"
+      mask_pixels = np.asarray(mask_png)
+    assert set(np.unique(mask_pixels)) <= {0, 255}
+    np.testing.assert_array_equal(mask_pixels[..., 0] == 255, t.mask)
+    np.testing.assert_array_equal(mask_pixels[..., 0], mask_pixels[..., 2])
+  back = templates_lib.load_templates(path, group=3)
+  assert len(back) == len(templates) and templates_lib.load_templates(path, group=4) == []
+  assert [t.template_id for t in templates_lib.load_templates(path)] == [
+      t.template_id for t in back]  # no group: every row
   for a, b in zip(back, templates):
     np.testing.assert_array_equal(a.mask, b.mask)
+    assert a.mask.dtype == bool and a.image.dtype == np.float32
     np.testing.assert_array_equal(a.image, b.image)  # uint8 / 255 survives PNG exactly
+    assert (a.template_id, a.partner_id, a.group) == (b.template_id, b.partner_id, "3")
+    assert a.sse == b.sse
   with pytest.raises(InputError, match="nope.parquet"):
-    masks.load_templates(str(tmp_path / "nope.parquet"))
+    templates_lib.load_templates(str(tmp_path / "nope.parquet"))
+  # A damaged or missing PNG is an error naming the table and the template.
+  row = table[1]
+  (tmp_path / "tpl" / row["mask_path"]).write_bytes(b"not a png")
+  with pytest.raises(InputError, match=r"templates.parquet, template 1: .*unreadable"):
+    templates_lib.load_templates(path)
+  os.remove(tmp_path / "tpl" / row["image_path"])
+  with pytest.raises(InputError, match=r"template 1: .*missing"):
+    templates_lib.load_templates(path)
+  assert len(templates_lib.load_templates(path, group=5)) == 0  # others' rows are not read
+
+
+def test_a_grayscale_mask_png_still_loads(tmp_path):
+  rng = np.random.default_rng(2)
+  mask = rng.random((N, N)) < 0.5
+  t = masks.Template(_image(rng), mask, "a", "b", 123.0, 1)
+  path = templates_lib.save_templates(str(tmp_path), [t])
+  row = pq.read_table(path).to_pylist()[0]
+  Image.fromarray(np.where(mask, 255, 0).astype(np.uint8), "L").save(tmp_path / row["mask_path"])
+  (back,) = templates_lib.load_templates(path)
+  np.testing.assert_array_equal(back.mask, mask)
+
+
+def test_check_of_docs_method_md():
+  """docs/method.md section 6: q = 0, c = q + 0.2 on rows and columns 100..131."""
+  q = np.zeros((N, N, 3), np.float32)
+  c = q.copy()
+  c[100:132, 100:132] = 0.2
+  assert masks.sse(q, c) == pytest.approx(122.88, rel=1e-6)
+  (t,) = masks.templates_for_group([q, c])
+  hole = np.zeros((N, N), bool)
+  hole[101:130, 101:130] = True
+  np.testing.assert_array_equal(t.mask, ~hole)
+  assert t.mask.sum() == 64695 and round(t.mask_fraction, 6) == 0.987167

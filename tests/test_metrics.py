@@ -16,9 +16,11 @@ import pyarrow.parquet as pq
 import pytest
 from scipy.stats import mannwhitneyu
 
-from memjax.stages import metrics
-from memjax.runtime import results
+from memjax.method import detection
+from memjax.runtime import shards
+from memjax.runtime import workdir as workdir_lib
 from memjax.runtime.errors import InputError
+from memjax.stages import metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -44,15 +46,15 @@ def _brute_roc(y, s):
      [0, 1 / 3, 2 / 3, 1, 1], 5 / 9, 0.0, 2 / 3),
 ])
 def test_hand_computed_roc(y, s, fpr, tpr, auc, tpr1, acc):
-  curve = metrics.roc_curve(y, s)
+  curve = detection.roc_curve(y, s)
   np.testing.assert_array_equal(curve.fpr, fpr)
   np.testing.assert_array_equal(curve.tpr, tpr)
   assert curve.thresholds[0] == np.inf
   np.testing.assert_array_equal(curve.thresholds[1:], sorted(set(s), reverse=True))
-  assert metrics.roc_auc(curve) == auc
-  assert metrics.tpr_at_fpr(curve) == tpr1
-  assert metrics.best_accuracy(curve) == pytest.approx(acc, abs=1e-15)
-  assert metrics.best_accuracy(curve) == max(1 - (f + 1 - t) / 2 for f, t in zip(fpr, tpr))
+  assert detection.roc_auc(curve) == auc
+  assert detection.tpr_at_fpr(curve) == tpr1
+  assert detection.best_accuracy(curve) == pytest.approx(acc, abs=1e-15)
+  assert detection.best_accuracy(curve) == max(1 - (f + 1 - t) / 2 for f, t in zip(fpr, tpr))
 
 
 def test_tpr_at_1pct_fpr_takes_last_point_strictly_below():
@@ -60,21 +62,21 @@ def test_tpr_at_1pct_fpr_takes_last_point_strictly_below():
   # 1 negative (fpr 0.01, NOT < 0.01), the rest below.
   s = [100, 99, 98, 97, 96, 95, 94] + [1] * 5 + [0] * 198
   y = [1, 1, 1, 0, 1, 1, 0] + [1] * 5 + [0] * 198
-  curve = metrics.roc_curve(y, s)
-  assert metrics.tpr_at_fpr(curve, 0.01) == 0.5
-  assert metrics.tpr_at_fpr(curve, 0.0100001) == 1.0  # now (0.01, 1.0) counts
-  assert metrics.tpr_at_fpr(curve, 0.02) == 1.0
+  curve = detection.roc_curve(y, s)
+  assert detection.tpr_at_fpr(curve, 0.01) == 0.5
+  assert detection.tpr_at_fpr(curve, 0.0100001) == 1.0  # now (0.01, 1.0) counts
+  assert detection.tpr_at_fpr(curve, 0.02) == 1.0
 
 
 def test_drop_intermediate_follows_sklearn_rule():
   # each tied score holds one positive and one negative: a straight diagonal run
   y, s = [1, 0, 1, 0, 1, 0], [4, 4, 3, 3, 2, 2]
-  full = metrics.roc_curve(y, s)
-  dropped = metrics.roc_curve(y, s, drop_intermediate=True)
+  full = detection.roc_curve(y, s)
+  dropped = detection.roc_curve(y, s, drop_intermediate=True)
   np.testing.assert_array_equal(full.fpr, [0, 1 / 3, 2 / 3, 1])
   np.testing.assert_array_equal(dropped.fpr, [0, 1 / 3, 1])
   np.testing.assert_array_equal(dropped.thresholds, [np.inf, 4, 2])
-  assert metrics.roc_auc(full) == metrics.roc_auc(dropped) == 0.5
+  assert detection.roc_auc(full) == detection.roc_auc(dropped) == 0.5
 
 
 def test_random_arrays_equal_brute_force_and_mann_whitney():
@@ -84,30 +86,30 @@ def test_random_arrays_equal_brute_force_and_mann_whitney():
     y = rng.random(n) < rng.uniform(0.05, 0.95)
     y[0], y[1] = True, False
     s = (rng.integers(0, 8, n) if trial % 2 else rng.standard_normal(n)).astype(np.float64)
-    curve = metrics.roc_curve(y, s)
+    curve = detection.roc_curve(y, s)
     fpr, tpr = _brute_roc(y, s)
     np.testing.assert_array_equal(curve.fpr, fpr)
     np.testing.assert_array_equal(curve.tpr, tpr)
     u = mannwhitneyu(s[y], s[~y]).statistic
-    assert metrics.roc_auc(curve) == u / (y.sum() * (~y).sum())
-    assert metrics.tpr_at_fpr(curve) == tpr[np.where(fpr < 0.01)[0][-1]]
-    assert metrics.best_accuracy(curve) == np.max(1 - (fpr + 1 - tpr) / 2)
+    assert detection.roc_auc(curve) == u / (y.sum() * (~y).sum())
+    assert detection.tpr_at_fpr(curve) == tpr[np.where(fpr < 0.01)[0][-1]]
+    assert detection.best_accuracy(curve) == np.max(1 - (fpr + 1 - tpr) / 2)
 
 
 def test_precision_at_k_ties_by_id():
   pos = [0, 1, 1, 0, 1, 0]
   s = [5, 5, 4, 3, 3, 1]
   ids = [1, 0, 2, 3, 4, 5]  # the tie at 5: id 0 (a positive) first
-  p = metrics.precision_at_k(pos, s, [1, 2, 4, 5, 6, 7], ids)
+  p = detection.precision_at_k(pos, s, [1, 2, 4, 5, 6, 7], ids)
   assert p == {1: 1.0, 2: 0.5, 4: 0.5, 5: 0.6, 6: 0.5, 7: None}
-  p = metrics.precision_at_k(pos, s, [1], [0, 1, 2, 3, 4, 5])
+  p = detection.precision_at_k(pos, s, [1], [0, 1, 2, 3, 4, 5])
   assert p == {1: 0.0}
 
 
 def test_per_type_negatives_exclude_other_positive_types():
   labels = ["MV", "N", "TV", "N", "RV", "N", "MV"]
   s = [7, 6, 5, 4, 3, 2, np.nan]  # the NaN-score row is dropped
-  out = metrics.detection_metrics(labels, s, ["MV", "RV", "TV"], [1, 3])
+  out = detection.detection_metrics(labels, s, ["MV", "RV", "TV"], [1, 3])
   assert out["pooled"]["n_pos"] == 3 and out["pooled"]["n_neg"] == 3
   assert out["pooled"]["precision_at_k"] == {1: 1.0, 3: 2 / 3}
   # MV: 7 vs negatives 6, 4, 2
@@ -129,13 +131,13 @@ def _workdir(tmp_path, n=40, seed=0):
   edge = rng.random(n)
   work = str(tmp_path / "w")
   captions = [f"caption {i}" for i in ids]
-  scan = results.ShardedResults(work, "scan")
+  scan = shards.ShardWriter(os.path.join(work, "scan"))
   for a, b in [(0, n // 2), (n // 2, n)]:
     scan.write(pa.table({"caption": captions[a:b], "prompt_id": ids[a:b], "scores": dcs[a:b],
                          "wen": wen[a:b]}), a, b)
   # blackbox fed by the scan: its own prompt_id renumbers, scan_prompt_id keeps the scan's
   perm = rng.permutation(n)
-  results.ShardedResults(work, "blackbox").write(
+  shards.ShardWriter(os.path.join(work, "blackbox")).write(
       pa.table({"prompt_id": ids, "scan_prompt_id": perm, "edge_scores": edge[perm]}), 0, n)
   return work, ids, labels, {"scores": dcs, "wen": wen, "edge_scores": edge}, captions
 
@@ -219,20 +221,32 @@ def test_bad_input_raises_input_error(case, expect, tmp_path):
     metrics.run(cfg)
 
 
+def test_semicolon_csv_scores_are_read_like_the_scan_reads_them(tmp_path):
+  work, ids, labels, cols, captions = _workdir(tmp_path)
+  pq.write_table(pa.table({"prompt_id": ids, "overfit_type": labels}), tmp_path / "l.parquet")
+  rows = ["prompt_id;caption;scores"] + [
+      f'{i};"{captions[i]}, a comma";{float(cols["scores"][i])!r}' for i in ids]
+  (tmp_path / "scores.csv").write_text("\n".join(rows) + "\n")
+  report = metrics.run(metrics.MetricsConfig(scores=str(tmp_path / "scores.csv"),
+                                             labels=str(tmp_path / "l.parquet")))
+  direct = detection.detection_metrics(labels, cols["scores"], ["MV", "RV", "TV"], [10])
+  assert report["results"]["pooled"]["scores"]["auc"] == direct["pooled"]["auc"]
+
+
 def test_labels_from_a_verify_workdir_and_scores_from_a_table(tmp_path):
   work, ids, labels, cols, captions = _workdir(tmp_path)
-  os.makedirs(tmp_path / "v")  # verify's layout: WORKDIR/verify.parquet (+ other tables)
+  os.makedirs(tmp_path / "v" / "verify")  # verify's layout: WORKDIR/verify/verify.parquet
   pq.write_table(pa.table({"prompt_id": ids, "caption": captions, "overfit_type": labels}),
-                 tmp_path / "v" / "verify.parquet")
+                 tmp_path / "v" / "verify" / "verify.parquet")
   pq.write_table(pa.table({"prompt_id": ids, "overfit_type": ["N"] * len(ids)}),
-                 tmp_path / "v" / "other.parquet")
+                 tmp_path / "v" / "verify" / "other.parquet")
   scores = str(tmp_path / "scores.csv")
   rows = ["prompt_id,caption,scores"] + [f'{i},"{captions[i]}",{float(cols["scores"][i])!r}'
                                          for i in ids]
   open(scores, "w").write("\n".join(rows) + "\n")
   report = metrics.run(metrics.MetricsConfig(scores=scores, labels=str(tmp_path / "v")))
   assert list(report["columns"]) == ["scores"] and report["join_key"] == "prompt_id"
-  direct = metrics.detection_metrics(labels, cols["scores"], ["MV", "RV", "TV"], [10, 100, 500])
+  direct = detection.detection_metrics(labels, cols["scores"], ["MV", "RV", "TV"], [10, 100, 500])
   for group in direct:
     got = report["results"][group]["scores"]
     assert got["auc"] == direct[group]["auc"]
@@ -257,3 +271,31 @@ def test_cli_prints_table_and_bad_input_is_one_line(tmp_path):
   assert r.returncode == 2 and "Traceback" not in r.stderr
   errors = [l for l in r.stderr.splitlines() if l.startswith("error:")]
   assert len(errors) == 1 and "no score column 'nope'" in errors[0], r.stderr
+
+
+def test_on_the_micro_attack_equals_the_direct_computation(micro_extract):
+  """The real outputs: scores from the scan and blackbox shards, labels from the
+  verify table, joined by the scan's prompt id."""
+  w = micro_extract["workdir"]
+  report = json.load(open(workdir_lib.path(w, "metrics", "verified.json")))
+  scan = shards.open_shards(workdir_lib.stage_dir(w, "scan")).to_table()
+  verify = pq.read_table(workdir_lib.path(w, "verify", "verify.parquet"))
+  label_of = dict(zip(verify["scan_prompt_id"].to_pylist(), verify["overfit_type"].to_pylist()))
+  ids = [i for i in scan["prompt_id"].to_pylist() if i in label_of]
+  score_of = dict(zip(scan["prompt_id"].to_pylist(), scan["scores"].to_pylist()))
+  y = [label_of[i] for i in ids]
+  assert {"MV", "N"} <= set(y)
+  direct = detection.detection_metrics(y, [score_of[i] for i in ids], ["MV", "RV", "TV"],
+                                       [2, 4, 8], ids)
+  for group, row in direct.items():
+    got = report["results"][group]["scores"]
+    assert got["auc"] == row["auc"] and got["n_pos"] == row["n_pos"]
+    assert got["precision_at_k"] == {str(k): v for k, v in row["precision_at_k"].items()}
+  manifest = workdir_lib.read_manifest(w, "metrics")
+  assert manifest.outputs == {"planted": "planted.json", "verified": "verified.json"}
+  assert manifest.config["k_list"] == [2, 4, 8]
+  # The planted labels (the testbed's `kind`) of every scanned caption.
+  planted = json.load(open(workdir_lib.path(w, "metrics", "planted.json")))
+  assert planted["label_column"] == "kind" and planted["join_key"] == "prompt_id"
+  assert planted["results"]["pooled"]["scores"]["n_pos"] + \
+      planted["results"]["pooled"]["scores"]["n_neg"] == scan.num_rows

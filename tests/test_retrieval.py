@@ -1,5 +1,6 @@
-"""memjax.retrieval and memjax.index: FAISS against brute force, folders, images."""
-import json
+"""memjax.data.retrieval and the index stage: FAISS against brute force, embedding
+folders, WORKDIR/index/. (Reading images: tests/test_images.py.)"""
+import dataclasses
 import os
 
 import numpy as np
@@ -8,9 +9,13 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from memjax.stages import index as index_lib
+from memjax.data import embed
+from memjax.data import images
 from memjax.data import retrieval
+from memjax.runtime import shards
+from memjax.runtime import workdir as workdir_lib
 from memjax.runtime.errors import InputError
+from memjax.stages import index as index_lib
 
 
 pytestmark = pytest.mark.usefixtures("one_faiss_thread")  # conftest.py
@@ -109,23 +114,6 @@ def test_laion_layout_folders(tmp_path):
     retrieval.list_chunks(str(tmp_path))
 
 
-def test_open_image_statuses_and_pixels(tmp_path):
-  rng = np.random.default_rng(5)
-  array = rng.integers(0, 256, (30, 50, 3), dtype=np.uint8)
-  Image.fromarray(array).save(tmp_path / "ok.png")
-  (tmp_path / "bad.png").write_bytes(b"not an image")
-  image, status, _ = retrieval.open_image("ok.png", base_dir=str(tmp_path))
-  assert status == "ok"
-  pixels = retrieval.to_pixels(image)
-  want = np.asarray(Image.fromarray(array).resize((256, 256), Image.LANCZOS), np.float32) / 255
-  assert pixels.shape == (256, 256, 3)
-  np.testing.assert_array_equal(pixels, want)
-  assert retrieval.open_image("file://" + str(tmp_path / "ok.png"))[1] == "ok"
-  assert retrieval.open_image(str(tmp_path / "gone.png"))[1] == "missing"
-  assert retrieval.open_image(None)[1] == "missing"
-  assert retrieval.open_image(str(tmp_path / "bad.png"))[1] == "unreadable"
-
-
 def _image_table(tmp_path, n_ok=5):
   rng = np.random.default_rng(6)
   folder = tmp_path / "imgs"
@@ -147,30 +135,69 @@ def test_index_run_records_missing_and_resumes(tmp_path):
   cfg = index_lib.IndexConfig(workdir=str(tmp_path / "w"), images=table, embedder="random",
                               chunk_rows=3, batch_size=2)
   m = index_lib.run(cfg)
-  assert m["ntotal"] == 5 and m["images"]["counts"] == {"missing": 1, "ok": 5, "unreadable": 1}
-  store = retrieval.IndexStore(cfg.workdir)
-  status = store.statuses().to_pylist()
+  assert isinstance(m, workdir_lib.Manifest) and m.stage == "index"
+  assert m.details["ntotal"] == 5 and m.counts["vectors"] == 5
+  assert m.counts["status"] == {"missing": 1, "ok": 5, "unreadable": 1}
+  assert m.counts["rows"] == 7 and m.counts["scored"] == 5
+  assert m.timings["images_this_run"] == 7 and m.rate > 0 and m.rate_unit == "images/s"
+  assert m.details["embedder"] == "random" and m.details["embedder_identity"]
+  assert not m.resumed_finished
+  assert workdir_lib.read_manifest(cfg.workdir, "index") == m
+  # WORKDIR/index/: LAION-style chunks, one status shard per chunk, the index.
+  folder = os.path.join(cfg.workdir, "index")
+  assert shards.list_shards(folder) == [(0, 3), (3, 6), (6, 7)]
+  assert sorted(os.listdir(os.path.join(folder, "img_emb"))) == [
+      f"img_emb_{n}.npy" for n in range(3)]
+  assert os.path.isfile(os.path.join(folder, "faiss.index"))
+  assert not os.path.exists(os.path.join(cfg.workdir, "status"))
+  assert not os.path.exists(os.path.join(folder, "status"))
+  assert [c.rows for c in retrieval.list_chunks(folder)] == [3, 2, 0]
+  for location in (cfg.workdir, folder):  # the workdir or its index folder
+    store = retrieval.IndexStore(location)
+    assert store.directory == folder and store.info["ntotal"] == 5
+  status = store.statuses().sort_by("row").to_pylist()
+  assert [r["row"] for r in status] == list(range(7))
   assert [r["status"] for r in status[5:]] == ["missing", "unreadable"]
-  assert status[5]["index"] == 105 and status[6]["error"]
+  assert status[5]["index"] == 105 and status[6]["error"] and status[0]["error"] is None
   meta = store.training.table()
   assert meta["index"].to_pylist() == [100, 101, 102, 103, 104]
   assert all(os.path.isabs(p) for p in meta["image_path"].to_pylist())
   # An image is its own nearest neighbour.
-  from memjax.data import embed  # pylint: disable=g-import-not-at-top
   e = embed.load_embedder("random")
-  image, _, _ = retrieval.open_image(meta["image_path"][3].as_py())
-  _, ids = store.search(e.embed([image]), 2)
+  read = images.read_image(meta["image_path"][3].as_py())
+  assert read.status == "ok"
+  _, ids = store.search(e.embed([read.pil()]), 2)
   assert ids[0, 0] == 3
-  # A rerun embeds nothing again; another factory only rebuilds the index.
-  again = index_lib.run(dataclasses_replace(cfg, index_factory="IVF2,Flat", nprobe=2))
-  assert again["images"]["embedded_this_run"] == 0 and again["ntotal"] == 5
+  # A rerun embeds nothing again and reports the run that did the work.
+  again = index_lib.run(cfg)
+  assert again.resumed_finished and again.counts == m.counts
+  assert again.timings == m.timings and again.rate == m.rate
   with pytest.raises(InputError, match="other settings"):
-    index_lib.run(dataclasses_replace(cfg, max_images=3))
+    index_lib.run(dataclasses.replace(cfg, max_images=3))
+  fewer = index_lib.run(dataclasses.replace(cfg, max_images=3, overwrite=True))
+  assert fewer.details["ntotal"] == 3 and fewer.counts["rows"] == 3
+  assert shards.list_shards(folder) == [(0, 3)]
+  with pytest.raises(InputError, match="no finished index"):
+    retrieval.IndexStore(str(tmp_path / "nothing"))
 
 
-def dataclasses_replace(cfg, **kw):
-  import dataclasses  # pylint: disable=g-import-not-at-top
-  return dataclasses.replace(cfg, **kw)
+def test_another_index_factory_reuses_the_embeddings(tmp_path):
+  """Only the FAISS index depends on the factory: a rerun with another one
+  rebuilds the index from the embeddings already written."""
+  table = _image_table(tmp_path)
+  cfg = index_lib.IndexConfig(workdir=str(tmp_path / "w"), images=table, embedder="random",
+                              chunk_rows=3, batch_size=2)
+  first = index_lib.run(cfg)
+  ivf = index_lib.run(dataclasses.replace(cfg, index_factory="IVF2,Flat", nprobe=2))
+  assert ivf.details["ntotal"] == 5 and ivf.details["index_factory"] == "IVF2,Flat"
+  assert ivf.counts["status"] == first.counts["status"]
+  store = retrieval.IndexStore(cfg.workdir)
+  assert faiss_ivf(store.index) and store.info["nprobe"] == 2
+
+
+def faiss_ivf(index):
+  import faiss  # pylint: disable=g-import-not-at-top
+  return faiss.try_extract_index_ivf(index) is not None
 
 
 def test_index_from_precomputed_embeddings(tmp_path):
@@ -181,41 +208,35 @@ def test_index_from_precomputed_embeddings(tmp_path):
   cfg = index_lib.IndexConfig(workdir=str(tmp_path / "w"), embeddings=folder, embedder="random",
                               index_factory="IVF4,Flat", nprobe=4)
   m = index_lib.run(cfg)
-  assert m["ntotal"] == 40 and m["sources"] == [os.path.abspath(folder)]
+  assert m.details["ntotal"] == 40 and m.details["sources"] == [os.path.abspath(folder)]
+  assert m.counts == {"vectors": 40} and m.details["embedder_identity"] is None
   store = retrieval.IndexStore(cfg.workdir)
   assert store.training.rows([7])[0]["url"] == "http://x/7"
-  with open(os.path.join(cfg.workdir, "manifest.json")) as f:
-    assert json.load(f)["embedder"] == "random"
+  assert store.statuses() is None  # no images were read
+  assert faiss_ivf(store.index)
+  manifest = workdir_lib.read_json(os.path.join(cfg.workdir, "index", "manifest.json"))
+  assert manifest["stage"] == "index" and manifest["details"]["embedder"] == "random"
   # Both: the precomputed vectors first, then the embedded images.
   both = index_lib.run(index_lib.IndexConfig(workdir=str(tmp_path / "both"), embeddings=folder,
                                              images=_image_table(tmp_path), embedder="random"))
-  assert both["ntotal"] == 45
+  assert both.details["ntotal"] == 45
+  assert both.details["sources"] == [os.path.abspath(folder),
+                                     os.path.abspath(str(tmp_path / "both" / "index"))]
   rows = retrieval.IndexStore(str(tmp_path / "both")).training.rows([39, 40])
   assert rows[0]["url"] == "http://x/39" and rows[1]["index"] == 100
   with pytest.raises(InputError, match="images=TABLE and/or --embeddings"):
     index_lib.run(index_lib.IndexConfig(workdir=str(tmp_path / "x")))
+  with pytest.raises(InputError, match="max_images must be >= 1"):
+    index_lib.run(index_lib.IndexConfig(workdir=str(tmp_path / "x"), embeddings=folder,
+                                        max_images=0))
 
 
-def test_http_images_are_cached_and_dead_links_remembered(tmp_path):
-  import functools  # pylint: disable=g-import-not-at-top
-  import http.server  # pylint: disable=g-import-not-at-top
-  import threading  # pylint: disable=g-import-not-at-top
-  served = tmp_path / "served"
-  served.mkdir()
-  Image.fromarray(np.full((8, 8, 3), 200, np.uint8)).save(served / "a.png")
-  handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
-  handler.log_message = lambda *a: None
-  server = http.server.HTTPServer(("127.0.0.1", 0), handler)
-  threading.Thread(target=server.serve_forever, daemon=True).start()
-  base = f"http://127.0.0.1:{server.server_address[1]}"
-  cache = str(tmp_path / "cache")
-  try:
-    image, status, _ = retrieval.open_image(base + "/a.png", cache_dir=cache)
-    assert status == "ok" and image.getpixel((0, 0)) == (200, 200, 200)
-    image, status, error = retrieval.open_image(base + "/gone.png", cache_dir=cache)
-    assert image is None and status == "missing" and "404" in error
-  finally:
-    server.shutdown()
-  # Served from the cache now that the server is gone; the dead link stays dead.
-  assert retrieval.open_image(base + "/a.png", cache_dir=cache)[1] == "ok"
-  assert "404" in retrieval.open_image(base + "/gone.png", cache_dir=cache)[2]
+def test_an_index_that_does_not_match_its_embeddings_is_refused(tmp_path):
+  rng = np.random.default_rng(8)
+  folder = str(tmp_path / "laion")
+  _write_chunk(folder, 0, _unit(rng, 10, 8), {"url": [f"u{i}" for i in range(10)]})
+  cfg = index_lib.IndexConfig(workdir=str(tmp_path / "w"), embeddings=folder, embedder="random")
+  index_lib.run(cfg)
+  _write_chunk(folder, 1, _unit(rng, 3, 8), {"url": ["a", "b", "c"]})  # the folder grew
+  with pytest.raises(InputError, match="holds 10 vectors.*13.*--overwrite"):
+    retrieval.IndexStore(cfg.workdir)

@@ -6,18 +6,17 @@ folder and the same noise: DDIM through `StableDiffusionPipeline` with
 algorithm (CompVisDenoiser / CompVisVDenoiser, quantize=False, sigmas from
 diffusers' `LMSDiscreteScheduler` as the reference's pipeline takes them).
 """
-import json
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from memjax.method import sampling
-from memjax.runtime.errors import ConfigError
-from memjax.models import loading
 from memjax.method.schedule import Schedule
+from memjax.models import loading
+from memjax.runtime import distributed
+from memjax.runtime.errors import ConfigError
+from memjax.stages import generate
 
 PROMPTS = ["a red cat on a table", "a blue car"]
 STEPS = 6
@@ -33,16 +32,16 @@ class _Bound:
 
   def __init__(self, model, sampler, steps):
     self.sd = loading.load_stable_diffusion(model)
-    with open(os.path.join(model, "scheduler", "scheduler_config.json")) as f:
-      self.plan = sampling.make_plan(sampler, self.sd.schedule, json.load(f), steps)
+    assert self.sd.scheduler_config == loading.read_scheduler_config(model)
+    self.plan = sampling.make_plan(sampler, self.sd.schedule, self.sd.scheduler_config, steps)
     self.traces = self.unet_traces = 0
-    unet = self.sd.unet
+    unet_out = self.sd.unet_out
 
     def counted_unet(p, x, t, ctx):
       self.unet_traces += 1  # Python runs only while tracing
-      return unet.apply({"params": p}, x, t, ctx)
+      return unet_out(p, x, t, ctx)
 
-    inner = sampling.sample_fn_for_model(self.sd, self.plan, 7.5, unet_apply=counted_unet)
+    inner = sampling.sample_fn_for_model(self.sd, self.plan, 7.5, unet=counted_unet)
 
     def counted(*args):
       self.traces += 1
@@ -179,6 +178,23 @@ def test_loop_compiles_once_and_traces_unet_once(heun_sd1):
   assert heun_sd1.plan.evaluations == 2 * STEPS - 1
 
 
+def test_generate_step_is_the_sampler_bound_once(heun_sd1):
+  """generate.make_step: the same images as the plain jitted sampler (uint8 rounded),
+  one compile for several batches, padded or not, on several devices."""
+  sd, z = heun_sd1.sd, _noise(4)
+  step = generate.make_step(sd, heun_sd1.plan, z.transpose(0, 2, 3, 1), 7.5, 2,
+                            distributed.local_mesh(2))
+  prompts = ["a red cat on a table", "a blue car", "a tree", ""]
+  ids = np.asarray(sd.tokenizer.encode_batch(prompts)["input_ids"], np.int32)
+  pixels, finite = step.all(ids)
+  pixels3, _ = step.all(ids[:3])  # a padded last batch
+  assert step.compiles == 1 and step.batch_size == 2
+  assert pixels.shape == (4, 2, 32, 32, 3) and pixels.dtype == np.uint8 and finite.all()
+  np.testing.assert_array_equal(pixels3, pixels[:3])
+  want = np.round(heun_sd1(prompts[:2], z) * 255)
+  assert np.abs(pixels[:2].astype(np.float64) - want).max() <= 1
+
+
 def test_plans_follow_diffusers_and_kdiffusion():
   from diffusers import DDIMScheduler, LMSDiscreteScheduler  # pylint: disable=g-import-not-at-top
   cfg = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
@@ -203,7 +219,7 @@ def test_plans_follow_diffusers_and_kdiffusion():
   np.testing.assert_allclose(t, np.linspace(999, 0, 10), atol=1e-3)
   np.testing.assert_array_equal(sampling.sigma_to_t(sched, sched.sigmas[[5, 500]] * 1.001, True),
                                 [5, 500])
-  # One Heun step is the one-step Euler sample of ALGORITHMS.md section 2.
+  # One Heun step is the one-step Euler sample of docs/method.md section 2.
   one = sampling.plan_heun(sched, 1, "log")
   assert sampling.heun_sigmas(sched, 1)[0] == pytest.approx(sched.sigma(0))  # LMS, n = 1
   assert one.evaluations == 1 and one.table["t"][0] == pytest.approx(999, abs=1e-3)

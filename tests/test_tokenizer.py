@@ -12,10 +12,10 @@ import shutil
 import numpy as np
 import pytest
 
+from conftest import DATA
 from memjax.data import tokenizer
 from memjax.runtime.errors import ConfigError, InputError
 
-DATA_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
 SD1_PAD, SD2_PAD = "<|endoftext|>", "!"
 
 HARD_CASES = [
@@ -34,13 +34,11 @@ HARD_CASES = [
 
 
 def _read_captions():
-  if not os.path.isdir(DATA_DIR):
-    pytest.skip(f"prompt lists not found at {os.path.abspath(DATA_DIR)} (../shared/data)")
-  captions = []
+  captions = []  # tests/data: the repository's copy of the public prompt lists
   for name in ("sdv1_500_memorized.jsonl", "sd2_memorized.jsonl"):
-    with open(os.path.join(DATA_DIR, name), encoding="utf-8") as f:
+    with open(os.path.join(DATA, name), encoding="utf-8") as f:
       captions += [json.loads(line)["caption"] for line in f if line.strip()]
-  with open(os.path.join(DATA_DIR, "sd1_nonmemorized.txt"), encoding="utf-8") as f:
+  with open(os.path.join(DATA, "sd1_nonmemorized.txt"), encoding="utf-8") as f:
     captions += [line.rstrip("\n") for line in f if line.strip()]
   return captions
 

@@ -15,9 +15,10 @@ import pytest
 import scipy.ndimage
 from PIL import Image
 
+from memjax.runtime import workdir as workdir_lib
+from memjax.runtime.errors import InputError
 from memjax.stages import index as index_lib
 from memjax.stages import verify
-from memjax.runtime.errors import InputError
 
 SIZE = 256
 SQUARE = (slice(60, 140), slice(90, 170))  # 80 x 80 pixels: the template's varying part
@@ -61,7 +62,7 @@ def synthetic(tmp_path_factory):
       500: _smooth(5),                     # B: nearly copied by prompt 2
       600: _smooth(6),
   }
-  assert 100 < _sse(train[201], train[202]) < 1000  # a template pair by section 4's rule
+  assert 100 < _sse(train[201], train[202]) < 1000  # a template pair by docs/method.md section 6
   rows = []
   for index, image in train.items():
     _save(str(root / "train" / f"{index}.png"), image)
@@ -81,14 +82,15 @@ def synthetic(tmp_path_factory):
   gen_rows = []
   for pid, (caption, index, images) in generated.items():
     for seed, image in images.items():
-      rel = f"generated/{pid}/{seed}.png"
+      rel = f"images/{pid}/{seed}.png"  # relative to the generate stage folder
       if image is not None:
-        _save(str(root / "gen" / rel), image)
+        _save(str(root / "gen" / "generate" / rel), image)
       gen_rows.append({"prompt_id": pid, "caption": caption, "seed": seed, "sampler": "heun",
                        "steps": 4, "image_path": rel, "index": index,
                        "url": f"http://example.invalid/{index}.jpg", "scores": 10.0 - pid,
                        "overfit_type": "?"})
-  pq.write_table(pa.Table.from_pylist(gen_rows), str(root / "gen" / "generated.parquet"))
+  pq.write_table(pa.Table.from_pylist(gen_rows),
+                 str(root / "gen" / "generate" / "generated.parquet"))
   index_dir = str(root / "index")
   index_lib.run(index_lib.IndexConfig(workdir=index_dir, images=str(root / "train.parquet"),
                                       embedder="random"))
@@ -99,7 +101,7 @@ def _run(synthetic, name="out", **kw):
   cfg = verify.VerifyConfig(generated=str(synthetic["root"] / "gen"), index=synthetic["index"],
                             workdir=str(synthetic["root"] / name), **kw)
   manifest = verify.run(cfg)
-  table = pq.read_table(os.path.join(cfg.workdir, "verify.parquet"))
+  table = pq.read_table(workdir_lib.path(cfg.workdir, "verify", "verify.parquet"))
   return manifest, {r["prompt_id"]: r for r in table.to_pylist()}, table
 
 
@@ -108,7 +110,8 @@ def test_labels_come_out_as_constructed(synthetic):
   assert table.column_names[:10] == list(verify._REFERENCE_COLUMNS)
   assert {pid: r["overfit_type"] for pid, r in rows.items()} == {0: "MV", 1: "TV", 2: "RV",
                                                                   3: "N", 4: None}
-  assert manifest["labels"] == {"MV": 1, "N": 1, "RV": 1, "TV": 1, "none": 1}
+  assert manifest.counts["labels"] == {"MV": 1, "N": 1, "RV": 1, "TV": 1, "none": 1}
+  assert manifest == workdir_lib.read_manifest(str(synthetic["root"] / "out"), "verify")
   assert rows[4]["verify_status"] == "no_generated_images" and rows[4]["gen_seeds"] == []
 
   mv = rows[0]
@@ -139,9 +142,9 @@ def test_labels_come_out_as_constructed(synthetic):
 
 def test_templates_are_stored_and_match_the_rule(synthetic):
   manifest, rows, _ = _run(synthetic, "out_masks")
-  folder = synthetic["root"] / "out_masks" / "templates"
+  folder = synthetic["root"] / "out_masks" / "verify" / "templates"
   table = pq.read_table(str(folder / "templates.parquet")).to_pylist()
-  assert len(table) == manifest["templates"] > 0
+  assert len(table) == manifest.counts["templates"] > 0
   for t in table:
     assert (folder / t["image_path"]).exists() and (folder / t["mask_path"]).exists()
   # k=16 > 7 images: every prompt's group is the whole set (prompt 4, with no
@@ -153,22 +156,21 @@ def test_templates_are_stored_and_match_the_rule(synthetic):
   first = table[0]
   q = synthetic["train"][int(first["template_id"])].astype(np.float64) / 255
   c = synthetic["train"][int(first["partner_id"])].astype(np.float64) / 255
-  # Independent numpy/scipy implementation of the mask rule (section 4).
+  # Independent numpy/scipy implementation of the mask rule (docs/method.md section 6).
   agree = np.abs(q - c).sum(-1) < 0.03
   want = scipy.ndimage.binary_dilation(
       scipy.ndimage.binary_erosion(agree, np.ones((3, 3)), border_value=0),
       np.ones((6, 6)), border_value=0)
-  got = np.asarray(Image.open(folder / first["mask_path"])) > 127
+  got = np.asarray(Image.open(folder / first["mask_path"]).convert("L")) > 127
   np.testing.assert_array_equal(got, want)
   assert not got[SQUARE][5:-5, 5:-5].any() and got[:40].all()
-  with open(synthetic["root"] / "out_masks" / "manifest.json") as f:
-    assert json.load(f)["thresholds"] == {"tv": 2500.0, "mv": 2500.0, "rv": 3000.0}
+  with open(synthetic["root"] / "out_masks" / "verify" / "manifest.json") as f:
+    assert json.load(f)["details"]["thresholds"] == {"tv": 2500.0, "mv": 2500.0, "rv": 3000.0}
 
 
 def test_thresholds_are_flags(synthetic):
-  from memjax.method import labels  # pylint: disable=g-import-not-at-top
-  _, rows, _ = _run(synthetic, "out_strict", thresholds=labels.Thresholds(tv=1.0, mv=2500.0,
-                                                                           rv=1.0))
+  _, rows, _ = _run(synthetic, "out_strict", tv_threshold=1.0, mv_threshold=2500.0,
+                    rv_threshold=1.0)
   assert {pid: r["overfit_type"] for pid, r in rows.items()} == {0: "MV", 1: "N", 2: "N", 3: "N",
                                                                   4: None}
 
@@ -177,7 +179,7 @@ def test_refuses_other_settings_and_bad_input(synthetic):
   _run(synthetic, "out_again", k=4)
   with pytest.raises(InputError, match="other settings"):
     _run(synthetic, "out_again", k=5)
-  with pytest.raises(InputError, match="no generated.parquet"):
+  with pytest.raises(InputError, match="generated.parquet"):
     verify.run(verify.VerifyConfig(generated=str(synthetic["root"]), index=synthetic["index"],
                                    workdir=str(synthetic["root"] / "x")))
   with pytest.raises(InputError, match="queries must use the same encoder"):

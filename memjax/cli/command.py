@@ -54,7 +54,15 @@ def run_main(main_fn: Callable) -> None:
       logging.flush()
       print(f"error: {e}", file=sys.stderr)
       sys.exit(2)
-  app.run(wrapped)
+
+  def parse(argv):  # a flag absl cannot parse is the user's error too: one line
+    try:
+      return flags.FLAGS(argv)
+    except flags.Error as e:
+      print(f"error: {e} (see --help)", file=sys.stderr)
+      sys.exit(2)
+
+  app.run(wrapped, flags_parser=parse)
 
 
 def main(define: Callable, build: Callable, run: Callable,

@@ -162,7 +162,7 @@ def resize_uint8(image, size: int) -> np.ndarray:
 
 def to_unit(image, size: int) -> np.ndarray:
   """`resize_uint8` as float32 [size, size, 3] in [0, 1] (uint8 / 255): how the
-  edge score (section 3) and the labels (section 7) see an image."""
+  edge score (docs/method.md section 3) and the labels (section 7) see an image."""
   return resize_uint8(image, size).astype(np.float32) / 255
 
 

@@ -237,7 +237,7 @@ def sniff_delimiter(path: str, column: Optional[str], default: str = ",") -> str
   # makes the header hold the caption column wins.
   for candidate in [delimiter] + list(_DELIMITERS):
     header = next(csv.reader(io.StringIO(head), delimiter=candidate), [])
-    if column in header:
+    if column is not None and column in header:
       return candidate
   return delimiter
 

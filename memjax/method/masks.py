@@ -55,7 +55,7 @@ class Template:
 
   @property
   def mask_fraction(self) -> float:
-    """mean(M): the TV error divides by it (section 4, rule 1)."""
+    """mean(M): the TV error divides by it (docs/method.md section 7, rule 1)."""
     return float(np.mean(self.mask))
 
 
@@ -134,7 +134,7 @@ def templates_for_group(images: Sequence[Optional[np.ndarray]],
     images: K images [H, W, 3] float in [0, 1]; None for a missing image.
     ids: K ids of the images (default: their positions).
     group: recorded on each template (e.g. the prompt_id).
-    The rest: the rule's constants (section 4 defaults).
+    The rest: the rule's constants (docs/method.md section 6 defaults).
 
   Returns:
     Templates in pair order (nearest template first).

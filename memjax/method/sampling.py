@@ -20,7 +20,7 @@ precomputed on the host in float64 by the `plan_*` functions and scanned over.
   UNet fed the continuous t = sigma_to_t(sigma) (k-diffusion's default
   `quantize=False`; `quantize=True` rounds to the nearest discrete t), and the
   last step (to sigma 0) is an Euler step. With "log" sigmas its one-step case
-  is the one-step sample of ALGORITHMS.md section 2 (LMS's one-step list starts
+  is the one-step sample of docs/method.md section 2 (LMS's one-step list starts
   at sigma(0) instead).
 
 Images come out of the VAE as `clip(x / 2 + 0.5, 0, 1)`, float32 [0, 1].

@@ -1,4 +1,4 @@
-"""The discrete noise schedule shared by every stage (ALGORITHMS.md section 1).
+"""The discrete noise schedule shared by every stage (docs/method.md section 1).
 
 Constants are computed in float64 with numpy and handed to jitted code as float32
 arrays, whatever dtype the models run in.

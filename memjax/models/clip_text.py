@@ -3,7 +3,7 @@
 A port of transformers' `CLIPTextModel` as Stable Diffusion uses it: token and
 position embeddings, pre-LN residual blocks with causal self-attention, a final
 layer norm, and `last_hidden_state` [B, L, hidden] as the UNet context
-(ALGORITHMS.md section 2). SD1 uses OpenAI's CLIP ViT-L/14 text tower
+(docs/method.md section 2). SD1 uses OpenAI's CLIP ViT-L/14 text tower
 (`quick_gelu`, 768 wide, 12 layers); SD2 an OpenCLIP ViT-H/14 tower (`gelu`,
 1024 wide, 23 of its 24 layers, the diffusers folder already stores the right
 depth). No attention padding mask: SD passes none, so padding tokens attend to

@@ -77,10 +77,6 @@ class StableDiffusion:
     """The UNet's raw output (eps or v) at timesteps t for latents x [B, h, w, c]."""
     return self.unet.apply({"params": unet_params}, x, t, context)
 
-  @property
-  def max_length(self) -> int:
-    return self.tokenizer.max_length
-
 
 def _read_json(path: str) -> dict:
   if not os.path.exists(path):

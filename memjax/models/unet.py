@@ -1,7 +1,7 @@
 """Stable Diffusion's denoiser (diffusers `UNet2DConditionModel`) in Flax.
 
 The attack's score is a function of the UNet's noise prediction eps(x_t, t, c)
-(ALGORITHMS.md sections 2 and 3), so this is the model memjax runs most. Only the
+(docs/method.md sections 2 and 3), so this is the model memjax runs most. Only the
 architecture of the SD1.x / SD2.x family is built: `CrossAttnDownBlock2D` /
 `DownBlock2D`, `CrossAttnUpBlock2D` / `UpBlock2D`, a `UNetMidBlock2DCrossAttn`,
 one transformer layer per attention, sinusoidal timestep embedding, no class or

@@ -1,7 +1,7 @@
 """Stable Diffusion's VAE (diffusers `AutoencoderKL`) in Flax.
 
 The attack decodes the predicted clean latents `x0_hat / scaling_factor` to
-pixels (ALGORITHMS.md section 2), and the trained test model encodes images, so
+pixels (docs/method.md section 2), and the trained test model encodes images, so
 memjax needs both halves. Only the architecture that Stable Diffusion 1.x, 2.x
 and SDXL ship is built: `DownEncoderBlock2D` / `UpDecoderBlock2D` blocks, a
 mid-block with one single-head self-attention, GroupNorm (eps 1e-6) and SiLU

@@ -70,6 +70,13 @@ class BoundStep:
     batch = jax.device_put(np.ascontiguousarray(batch), self.batch_sharding)
     return self._fn(self.bound, batch)
 
+  def lower(self):
+    """The step lowered for one batch: `.compile()` times the compile, and its
+    `cost_analysis()` gives XLA's FLOP count (benchmarks)."""
+    batch = jax.ShapeDtypeStruct((self.batch_size,) + self.pad_row.shape, self.pad_row.dtype,
+                                 sharding=self.batch_sharding)
+    return self._fn.lower(self.bound, batch)
+
   def map(self, rows: np.ndarray, max_in_flight: Optional[int] = 2
           ) -> Iterator[Tuple[int, Any]]:
     """Runs rows [N, ...] in padded batches; yields (start, host outputs of the

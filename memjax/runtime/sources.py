@@ -104,9 +104,11 @@ def _from_stage(path: str, stage: str, column: str, folder: str, top_k: int,
     part = part.append_column(PROMPT_ID, pa.array(np.arange(start, stop, dtype=np.int64)))
     return tables.PromptChunk(start, stop, part, texts, status)
 
+  # The rows are identified by what they are (the stage's settings and the ids it
+  # ranked first), not by where the workdir lies: a moved workdir resumes.
   return RowSource(top.num_rows, read, {
-      "prompts": os.path.abspath(path), "source_stage": stage, "source_run_config": run_config,
-      "top_k": top_k, "max_prompts": max_prompts, "source_ids": ids}, stage)
+      "source_stage": stage, "source_run_config": run_config, "top_k": top_k,
+      "max_prompts": max_prompts, "source_ids": ids}, stage)
 
 
 def open_rows(path: str, prompt_column: str = CAPTION, csv_delimiter: Optional[str] = None, *,

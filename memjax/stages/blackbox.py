@@ -142,6 +142,8 @@ def _check_config(cfg: BlackboxConfig) -> None:
     raise InputError("give either --images (external images) or --model and --prompts")
   if not cfg.images and not (cfg.model and cfg.prompts):
     raise InputError("--model and --prompts are required (or --images for external images)")
+  if cfg.top_k < 1:
+    raise InputError(f"--top_k must be >= 1, got {cfg.top_k}")
   if cfg.batch_size < 1 or cfg.shard_size < 1:
     raise InputError(f"--batch_size and --shard_size must be >= 1, got "
                      f"{cfg.batch_size}, {cfg.shard_size}")

@@ -81,7 +81,8 @@ def _wiring(cfg: ExtractConfig) -> Dict[str, Dict]:
       "generate": dict(common, prompts=w, **model),
       "index": dict(common, images=cfg.training_set),
       "verify": dict(common, generated=w, index=cfg.index or w),
-      "metrics": {"scores": [w], "workdir": w, "out": None},
+      # every stage's rows carry `caption`: the metrics' caption join uses it
+      "metrics": {"scores": [w], "workdir": w, "out": None, "prompt_column": "caption"},
       "report": {"workdir": w},
   }
 

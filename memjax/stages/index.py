@@ -137,8 +137,9 @@ def run(cfg: IndexConfig) -> Optional[workdir_lib.Manifest]:
   identity = {"images": os.path.abspath(cfg.images) if cfg.images else None,
               "embeddings": os.path.abspath(cfg.embeddings) if cfg.embeddings else None,
               "embedder": embedder.identity if embedder else None,
-              "max_images": cfg.max_images, "chunk_rows": cfg.chunk_rows,
-              "index_factory": cfg.index_factory, "max_train": cfg.max_train}
+              "max_images": cfg.max_images, "chunk_rows": cfg.chunk_rows}
+  # The FAISS index is built again by every run (cheap next to embedding), so its
+  # settings are not part of the identity: another factory reuses the embeddings.
   stage = engine.StageRun(cfg.workdir, STAGE, identity, cfg.overwrite)
   load_s = time.perf_counter() - t0
   stats = engine.LoopStats()
@@ -172,16 +173,17 @@ def run(cfg: IndexConfig) -> Optional[workdir_lib.Manifest]:
   logging.info("index: %d vectors of width %d, %s", index.ntotal, dim, cfg.index_factory)
   return stage.write_manifest(
       cfg, counts=counts,
-      timings={"load_s": load_s, "embed_s": stats.seconds, "build_s": build_s,
-               "images_this_run": stats.rows},
+      timings={"load_s": load_s, "embed_s": stats.seconds, "images_this_run": stats.rows},
       rate=engine.rate(stats.rows, stats.seconds), rate_unit="images/s",
       outputs={"faiss_index": workdir_lib.FAISS_INDEX, "embeddings": workdir_lib.EMB_DIR,
                "metadata": workdir_lib.META_DIR, "status": "part-*.parquet"},
       runtime=distributed.runtime_info(),
-      details={"sources": sources, "dim": dim, "ntotal": int(index.ntotal),
+      details={"sources": sources, "dim": dim, "ntotal": int(index.ntotal), "build_s": build_s,
                "index_factory": cfg.index_factory, "nprobe": cfg.nprobe,
                "embedder": cfg.embedder,
                "embedder_checkpoint": (os.path.abspath(cfg.embedder_checkpoint)
                                        if cfg.embedder_checkpoint else None),
                "embedder_identity": embedder.identity if embedder else None},
+      # A run that embedded nothing keeps the timings and rate of the one that did;
+      # the index it built (every run builds it) is described in `details`.
       did_work=stats.rows > 0 or table is None)

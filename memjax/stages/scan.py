@@ -92,6 +92,9 @@ def run(cfg: ScanConfig) -> Optional[workdir_lib.Manifest]:
     raise InputError("--seeds must name at least one seed")
   if cfg.top_k < 1:
     raise InputError(f"--top_k must be >= 1, got {cfg.top_k}")
+  if cfg.batch_size < 1 or cfg.shard_size < 1:  # before the run config is recorded
+    raise InputError(f"--batch_size and --shard_size must be >= 1, got "
+                     f"{cfg.batch_size}, {cfg.shard_size}")
   source = sources.open_rows(cfg.prompts, cfg.prompt_column, cfg.csv_delimiter,
                              max_prompts=cfg.max_prompts, reserved=SCORE_COLUMNS)
   sd = common.load_model(cfg.model, cfg.dtype, cfg.attention, ("unet", "text_encoder"))

@@ -331,8 +331,9 @@ def run(cfg: VerifyConfig) -> workdir_lib.Manifest:
                "total_s": time.perf_counter() - t_start},
       rate=len(out_rows) / label_s if out_rows and label_s else None,
       rate_unit="prompts/s",
-      outputs={"table": workdir_lib.VERIFY_TABLE, "templates": workdir_lib.TEMPLATES,
-               "image_cache": workdir_lib.IMAGE_CACHE},
+      outputs=dict({"table": workdir_lib.VERIFY_TABLE, "templates": workdir_lib.TEMPLATES},
+                   **({"image_cache": workdir_lib.IMAGE_CACHE}  # only when it downloaded
+                      if os.path.isdir(cache.cache_dir) else {})),
       runtime=distributed.runtime_info(),
       details={"thresholds": dataclasses.asdict(cfg.thresholds), "k": cfg.k,
                "index": {k: store.info.get(k) for k in ("ntotal", "dim", "index_factory",

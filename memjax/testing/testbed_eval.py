@@ -84,7 +84,7 @@ def _make_step(sd, z: np.ndarray, guidance_scale: float, batch: int, mesh) -> en
   bound = common.onestep_bound(sd, z[None], mesh, ("text_encoder", "unet", "vae"))
 
   def decode(b, z_, e):
-    x0 = c["sigma"] * z_ - c["sigma"] * e  # section 2's x0_hat, latent space
+    x0 = c["sigma"] * z_ - c["sigma"] * e  # docs/method.md section 2: x0_hat, latent space
     return onestep.decode_images(sd.vae_decode, b["vae"], x0, sd.vae_scaling_factor)
 
   def step(b, ids):

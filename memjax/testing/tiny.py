@@ -19,6 +19,8 @@ import copy
 import os
 from typing import Dict, Optional
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from memjax.data import tokenizer as tokenizer_lib
@@ -137,6 +139,31 @@ def build_tiny_model(out_dir: str, style: str = "sd1", seed: int = 0,
   params = {name: random_params(name, cfg, seed + i) for i, (name, cfg) in enumerate(configs.items())}
   saving.save_stable_diffusion(out_dir, configs, params, scheduler)
   return out_dir
+
+
+def random_model(style: str = "sd15", dtype: str = "float32", attention: Optional[str] = None,
+                 components=loading.COMPONENTS, seed: int = 0) -> loading.StableDiffusion:
+  """A random model of `style` in memory, as `loading.load_stable_diffusion` returns
+  one (no folder written: SD1.5 size in seconds, for benchmarks on accelerators)."""
+  import tempfile  # pylint: disable=g-import-not-at-top
+  from memjax.method.schedule import Schedule  # pylint: disable=g-import-not-at-top
+  configs = tiny_configs(style)
+  scheduler = configs.pop("scheduler")
+  np_dtype = loading._NP_DTYPES[dtype]  # pylint: disable=protected-access
+  compute = jnp.float32 if dtype == "float32" else jnp.bfloat16
+  modules = {n: loading.build_module(n, configs[n], f"<{n}>", compute, attention)
+             for n in components}
+  params = {n: jax.tree.map(lambda a: np.asarray(a, np_dtype),
+                            random_params(n, configs[n], seed + i))
+            for i, n in enumerate(components)}
+  with tempfile.TemporaryDirectory() as tmp:
+    tokenizer_lib.write_tokenizer_folder(tmp)
+    tokenizer = tokenizer_lib.CLIPTokenizer.from_folder(tmp)
+  return loading.StableDiffusion(
+      model_dir=f"<random {style}>", unet=modules.get("unet"), vae=modules.get("vae"),
+      text_encoder=modules.get("text_encoder"), tokenizer=tokenizer,
+      schedule=Schedule.from_config(scheduler), scheduler_config=scheduler, params=params,
+      configs=configs, dtype=dtype, attention=attention)
 
 
 def main():

@@ -1,7 +1,7 @@
 """The whitebox score computed with PyTorch diffusers/transformers (the reference).
 
 Loads the UNet, text encoder and tokenizer of a diffusers folder with their own
-PyTorch classes and computes ALGORITHMS.md section 2 the reference's way: the CFG
+PyTorch classes and computes docs/method.md section 2 the reference's way: the CFG
 pair [uncond, cond] through the UNet for every prompt, x_in = sqrt(1 - abar[999]) z.
 Used by the parity tests, the benchmarks and the cross-check. This is the only
 module of the scoring path's neighbours that imports torch, and only when called.
