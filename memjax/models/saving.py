@@ -40,7 +40,7 @@ def save_stable_diffusion(model_dir: str, configs: Dict[str, dict], params: Dict
                           extra_index: Optional[dict] = None) -> None:
   """Writes model_index.json, scheduler/, and each component in `params`.
 
-  The tokenizer folder is written by the caller (`memjax.tokenizer`).
+  The tokenizer folder is written by the caller (`memjax.data.tokenizer`).
   """
   os.makedirs(model_dir, exist_ok=True)
   for name, p in params.items():

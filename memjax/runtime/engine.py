@@ -127,12 +127,15 @@ class StageRun:
     stage: the stage's name (`workdir.STAGES`).
     identity: what a resume must match (JSON-able).
     overwrite: delete the stage's outputs when the recorded identity differs.
+    started: `time.perf_counter()` when the stage's run began (default: now), for
+      the manifest's total_s.
   """
 
-  def __init__(self, workdir: str, stage: str, identity: Dict, overwrite: bool):
+  def __init__(self, workdir: str, stage: str, identity: Dict, overwrite: bool,
+               started: Optional[float] = None):
     self.workdir, self.stage, self.identity = workdir, stage, identity
     self.dir = workdir_lib.stage_dir(workdir, stage)
-    self.t_start = time.perf_counter()
+    self.t_start = time.perf_counter() if started is None else started
     self.pid, self.nproc = jax.process_index(), jax.process_count()
     if self.pid == 0:
       workdir_lib.check_run_config(workdir, stage, identity, overwrite)

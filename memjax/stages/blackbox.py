@@ -41,26 +41,15 @@ OWN_COLUMNS = ("caption", "edge_scores", "gen_seeds", "image_paths", "status")
 
 
 @dataclasses.dataclass
-class BlackboxConfig:
+class BlackboxConfig(common.ModelStageSettings):
   """The blackbox stage's settings (each one a flag of `python -m memjax.blackbox`)."""
   workdir: str
   model: Optional[str] = None
   prompts: Optional[str] = None
   images: Optional[str] = None  # external images instead of model + prompts
-  prompt_column: str = "caption"
-  csv_delimiter: Optional[str] = None
   batch_size: int = 8
   seeds: Sequence[int] = DEFAULT_SEEDS
-  guidance_scale: float = 7.5
-  dtype: str = "float32"
-  attention: Optional[str] = None
-  noise: Optional[str] = None
-  max_prompts: Optional[int] = None
-  top_k: int = 100
   shard_size: int = 256
-  overwrite: bool = False
-  log_interval_s: float = 30.0
-  devices: Optional[int] = None
   save_images: bool = False
   edge_threshold: float = edges.EDGE_THRESHOLD
   edge_consistency: float = edges.CONSISTENCY
@@ -180,7 +169,7 @@ def run(cfg: BlackboxConfig) -> Optional[workdir_lib.Manifest]:
                     timestep=sd.schedule.last_timestep, **source.identity)
     n_rows = source.num_rows
     read = lambda a, b: common.tokenize(source.read(a, b), sd.tokenizer)
-  stage = engine.StageRun(cfg.workdir, STAGE, identity, cfg.overwrite)
+  stage = engine.StageRun(cfg.workdir, STAGE, identity, cfg.overwrite, started=t0)
   load_s = time.perf_counter() - t0
   todo = stage.todo(n_rows, cfg.shard_size)
   mesh, step = None, None

@@ -16,6 +16,23 @@ from memjax.models import loading
 from memjax.runtime import fingerprint
 
 
+@dataclasses.dataclass(kw_only=True)
+class ModelStageSettings:
+  """The settings scan, blackbox and generate share, with one default each (keyword
+  only, after each stage's own fields)."""
+  prompt_column: str = "caption"
+  csv_delimiter: Optional[str] = None
+  guidance_scale: float = 7.5
+  dtype: str = "float32"
+  attention: Optional[str] = None
+  noise: Optional[str] = None
+  max_prompts: Optional[int] = None
+  top_k: int = 100
+  overwrite: bool = False
+  log_interval_s: float = 30.0
+  devices: Optional[int] = None
+
+
 def load_model(model: str, dtype: str, attention: Optional[str],
                components: Sequence[str] = loading.COMPONENTS) -> loading.StableDiffusion:
   return loading.load_stable_diffusion(model, dtype, components, attention)

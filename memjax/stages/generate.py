@@ -47,7 +47,7 @@ _PER_IMAGE = ("gen_seeds", "image_paths", "image_status", "status", "prompt_id",
 
 
 @dataclasses.dataclass
-class GenerateConfig:
+class GenerateConfig(common.ModelStageSettings):
   """The generation stage's settings (each one a flag of `python -m memjax.generate`)."""
   model: str
   prompts: str
@@ -55,20 +55,9 @@ class GenerateConfig:
   sampler: str = "heun"
   steps: int = 32
   sigma_interpolation: str = "linear"  # Heun: "linear" (LMS, the reference) or "log"
-  prompt_column: str = "caption"
-  csv_delimiter: Optional[str] = None
   batch_size: int = 8  # prompts per call; the UNet batch is 2 * batch_size * seeds
   seeds: Sequence[int] = DEFAULT_SEEDS
-  guidance_scale: float = 7.5
-  dtype: str = "float32"
-  attention: Optional[str] = None
-  noise: Optional[str] = None
-  max_prompts: Optional[int] = None
-  top_k: int = 100
   shard_size: int = 64  # prompts per shard
-  overwrite: bool = False
-  log_interval_s: float = 30.0
-  devices: Optional[int] = None
 
 
 def make_step(sd, plan: sampling.SamplerPlan, noise: np.ndarray, guidance_scale: float,
@@ -171,7 +160,7 @@ def run(cfg: GenerateConfig) -> Optional[workdir_lib.Manifest]:
                   sampler=cfg.sampler, steps=cfg.steps, plan=plan.info, seeds=seeds,
                   noise=noise_digest, guidance_scale=cfg.guidance_scale,
                   shard_size=cfg.shard_size)
-  stage = engine.StageRun(cfg.workdir, STAGE, identity, cfg.overwrite)
+  stage = engine.StageRun(cfg.workdir, STAGE, identity, cfg.overwrite, started=t0)
   todo = stage.todo(source.num_rows, cfg.shard_size)
   mesh = distributed.local_mesh(cfg.devices)
   step = make_step(sd, plan, noise, cfg.guidance_scale, cfg.batch_size, mesh)

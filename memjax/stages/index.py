@@ -140,7 +140,7 @@ def run(cfg: IndexConfig) -> Optional[workdir_lib.Manifest]:
               "max_images": cfg.max_images, "chunk_rows": cfg.chunk_rows}
   # The FAISS index is built again by every run (cheap next to embedding), so its
   # settings are not part of the identity: another factory reuses the embeddings.
-  stage = engine.StageRun(cfg.workdir, STAGE, identity, cfg.overwrite)
+  stage = engine.StageRun(cfg.workdir, STAGE, identity, cfg.overwrite, started=t0)
   load_s = time.perf_counter() - t0
   stats = engine.LoopStats()
   if table is not None:

@@ -192,7 +192,7 @@ def top_rows(d: Dict, k: int) -> List[Dict]:
     ids, values = np.asarray(d["scan"]["prompt_id"]), d["scan"]["scores"]
     vals = np.array([np.nan if v is None else v for v in values], np.float64)
     ok = np.flatnonzero(~np.isnan(vals))
-    order = ok[np.lexsort((ids[ok], -vals[ok]))][:k]  # ties by prompt id, as results.top_k
+    order = ok[np.lexsort((ids[ok], -vals[ok]))][:k]  # ties by prompt id, as shards.top_k
     rows = []
     for i in order:
       pid = int(ids[i])

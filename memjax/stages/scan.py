@@ -31,25 +31,14 @@ SCORE_COLUMNS = ("scores", "scores_per_seed", "wen", "uncond_norm", "align", "n_
 
 
 @dataclasses.dataclass
-class ScanConfig:
+class ScanConfig(common.ModelStageSettings):
   """The scan's settings (each one a flag of `python -m memjax.scan`)."""
   model: str
   prompts: str
   workdir: str
-  prompt_column: str = "caption"
-  csv_delimiter: Optional[str] = None
   batch_size: int = 32
   seeds: Sequence[int] = (0,)
-  guidance_scale: float = 7.5
-  dtype: str = "float32"
-  attention: Optional[str] = None
-  noise: Optional[str] = None
-  max_prompts: Optional[int] = None
-  top_k: int = 100
   shard_size: int = 4096
-  overwrite: bool = False
-  log_interval_s: float = 30.0
-  devices: Optional[int] = None
 
 
 def make_step(sd, noise: np.ndarray, guidance_scale: float, batch_size: int,
@@ -103,7 +92,7 @@ def run(cfg: ScanConfig) -> Optional[workdir_lib.Manifest]:
   identity = dict(common.model_identity(cfg.model, cfg.dtype, cfg.attention), **source.identity,
                   seeds=list(cfg.seeds), guidance_scale=cfg.guidance_scale, noise=noise_digest,
                   shard_size=cfg.shard_size, timestep=sd.schedule.last_timestep)
-  stage = engine.StageRun(cfg.workdir, STAGE, identity, cfg.overwrite)
+  stage = engine.StageRun(cfg.workdir, STAGE, identity, cfg.overwrite, started=t0)
   todo = stage.todo(source.num_rows, cfg.shard_size)
   mesh = distributed.local_mesh(cfg.devices)
   t1 = time.perf_counter()

@@ -3,7 +3,7 @@
     python -m memjax.train --flagfile=configs/testbed.flags --workdir=DIR
 
 Stages, each resumable (rerun the same command):
-1. data: `memjax.testbed` draws the mini-LAION (planted MV / TV / RV / unique /
+1. data: `memjax.testing.testbed` draws the mini-LAION (planted MV / TV / RV / unique /
    held-out captions) and writes images/, train.parquet, eval_prompts.parquet.
 2. text encoder: a CLIP text model with random weights, frozen (the captions only
    need distinct, fixed embeddings), and a CLIP BPE tokenizer cut to the first
