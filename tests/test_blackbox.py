@@ -338,5 +338,8 @@ def test_flags_are_the_config_fields(tmp_path):
                                 "--save_images", "--seeds=0,1"])
   assert cfg == blackbox.BlackboxConfig(workdir=str(tmp_path), images="imgs", shard_size=7,
                                         save_images=True, seeds=[0, 1])
-  defaults = parse_command(command, ["--workdir=w"])
-  assert defaults == blackbox.BlackboxConfig(workdir="w", seeds=list(blackbox.DEFAULT_SEEDS))
+  defaults = parse_command(command, ["--workdir=w", "--images=i"])
+  assert defaults == blackbox.BlackboxConfig(workdir="w", images="i",
+                                             seeds=list(blackbox.DEFAULT_SEEDS))
+  with pytest.raises(InputError, match="--model and --prompts are required"):
+    parse_command(command, ["--workdir=w"])

@@ -168,6 +168,6 @@ def test_bad_input_is_a_clear_error(tiny_sd1, tmp_path):
   assert proc.returncode == 2, proc.stderr[-2000:]
   assert "Traceback" not in proc.stderr
   errors = [l for l in proc.stderr.splitlines() if l.startswith("error: ")]
-  assert len(errors) == 1 and errors[0].startswith("error: --steps=0"), proc.stderr[-2000:]
+  assert len(errors) == 1 and errors[0].startswith("error: --steps must be >= 1"), proc.stderr[-2000:]
   for refused in "abcd":  # nothing recorded for a refused configuration
     assert not os.path.exists(tmp_path / refused / "generate"), refused

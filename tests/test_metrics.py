@@ -170,7 +170,7 @@ def test_cli_run_joins_on_prompt_id_and_equals_direct_computation(tmp_path):
       assert got["precision_at_k"] == {"5": top[:5].sum() / 5, "10": top[:10].sum() / 10,
                                        "100": None}
   assert report["columns"]["edge_scores"]["source"].endswith("blackbox")
-  assert report["columns"]["wen"]["dropped_nan_score"] == 1
+  assert report["columns"]["wen"]["dropped_nonfinite_score"] == 1
 
 
 def test_cli_run_joins_on_caption_when_labels_have_no_ids(tmp_path):

@@ -152,13 +152,17 @@ def test_csv_quoting_sniffing_and_bad_bytes(tmp_path):
   path.write_bytes(b'\xef\xbb\xbfid;caption\r\n1;"a, b; c"\r\n2;plain\r\n'
                    b'3;"two\nlines"\r\n4;bad \xff byte\r\n5;x;extra\r\n6;\r\n')
   table = tables.open_prompts(str(path))
-  assert table.delimiter == ";" and table.num_rows == 5
+  assert table.delimiter == ";" and table.num_rows == 6  # every row keeps its place
   assert table.num_malformed == 1  # "5;x;extra" has a column too many
-  chunk = table.read_prompts(0, 5)
+  chunk = table.read_prompts(0, 6)
   assert chunk.texts[:4] == [
       "a, b; c", "plain", "two\nlines", "bad \ufffd byte"]
-  assert chunk.status == ["ok", "ok", "ok", "ok_replaced_utf8", "empty"]
-  assert chunk.table["id"].to_pylist() == ["1", "2", "3", "4", "6"]
+  assert chunk.status == ["ok", "ok", "ok", "ok_replaced_utf8", "malformed_row", "empty"]
+  assert chunk.table["id"].to_pylist() == ["1", "2", "3", "4", None, "6"]
+  assert chunk.table["prompt_id"].to_pylist() == list(range(6))
+  for a, b in ((4, 5), (3, 6), (5, 6), (0, 4)):  # any range, the same rows
+    part = table.read_prompts(a, b)
+    assert part.status == chunk.status[a:b] and part.texts == chunk.texts[a:b]
   # A caption full of commas must not fool the sniffer into ",".
   path = tmp_path / "commas.csv"
   path.write_text("caption;n\n" + "".join(

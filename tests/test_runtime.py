@@ -391,13 +391,16 @@ def test_model_identity(tmp_path):
   (model / "tokenizer" / "merges.txt").write_text("a b\n")
   (model / "scheduler" / "scheduler_config.json").write_text("{}")
   first = fingerprint.model_identity(str(model))
-  assert len(first) == 64 and fingerprint.model_identity(str(model)) == first
-  # Same sizes, other weight bytes; docs; hidden folders: same identity.
-  (model / "unet" / "model.safetensors").write_bytes(b"\1" * 100)
+  assert first.startswith("sha256:") and fingerprint.model_identity(str(model)) == first
+  # Docs and hidden folders do not count.
   (model / "README.md").write_text("docs")
   (model / ".cache").mkdir()
   (model / ".cache" / "x.json").write_text("{}")
   assert fingerprint.model_identity(str(model)) == first
+  # Same size, other weight bytes: another model (a weight file is identified by content).
+  (model / "unet" / "model.safetensors").write_bytes(b"\1" * 100)
+  assert fingerprint.model_identity(str(model)) != first
+  (model / "unet" / "model.safetensors").write_bytes(b"\0" * 100)
   for path, content in [("unet/config.json", '{"sample_size": 96}'),
                         ("tokenizer/merges.txt", "a c\n"),
                         ("scheduler/scheduler_config.json", '{"a": 1}')]:
@@ -406,11 +409,7 @@ def test_model_identity(tmp_path):
     assert fingerprint.model_identity(str(model)) != first, path
     (model / path).write_text(old)
   assert fingerprint.model_identity(str(model)) == first
-  (model / "unet" / "model.safetensors").write_bytes(b"\1" * 101)
-  assert fingerprint.model_identity(str(model)) != first
-  (model / "unet" / "model.safetensors").write_bytes(b"\1" * 100)
-  (model / "unet" / "model.safetensors").rename(
-      model / "unet" / "w.safetensors")
+  (model / "unet" / "model.safetensors").rename(model / "unet" / "w.safetensors")
   assert fingerprint.model_identity(str(model)) != first
   with pytest.raises(InputError, match="does not exist"):
     fingerprint.model_identity(str(tmp_path / "none"))
@@ -420,19 +419,34 @@ def test_model_identity(tmp_path):
     fingerprint.model_identity(str(tmp_path / "empty"))
 
 
-def test_file_identity(tmp_path):
+def test_content_identity_reads_small_files_whole_and_samples_large_ones(tmp_path):
   a = tmp_path / "w.ckpt"
   a.write_bytes(b"\0" * 100)
-  first = fingerprint.file_identity(str(a))
-  assert first.startswith("w.ckpt:100:") and fingerprint.file_identity(str(a)) == first
-  a.write_bytes(b"\1" * 100)  # same name and size, other bytes
-  assert fingerprint.file_identity(str(a)) != first
+  first = fingerprint.content_identity(str(a))
+  assert first.startswith("sha256:") and fingerprint.content_identity(str(a)) == first
+  a.write_bytes(b"\0" * 99 + b"\1")  # same name and size, one other byte
+  assert fingerprint.content_identity(str(a)) != first
   big = tmp_path / "big.bin"
-  head = b"\2" * (1 << 20)
-  big.write_bytes(head + b"\0" * 10)
-  before = fingerprint.file_identity(str(big))
-  big.write_bytes(head + b"\1" * 10)  # only bytes past the first MiB changed
-  assert fingerprint.file_identity(str(big)) == before
+  size = (64 << 20) + 1  # above the whole-file limit: size and 64 samples
+  with open(big, "wb") as f:
+    f.truncate(size)
+  sampled = fingerprint.content_identity(str(big))
+  assert sampled.startswith("sampled:")
+  with open(big, "r+b") as f:  # the last byte is always sampled
+    f.seek(size - 1)
+    f.write(b"\1")
+  assert fingerprint.content_identity(str(big)) != sampled
+  folder = tmp_path / "parts"
+  folder.mkdir()
+  (folder / "a.parquet").write_bytes(b"x")
+  (folder / ".hidden").write_bytes(b"y")
+  one = fingerprint.path_identity(str(folder))
+  (folder / ".hidden").write_bytes(b"z")
+  assert fingerprint.path_identity(str(folder)) == one
+  (folder / "a.parquet").write_bytes(b"X")
+  assert fingerprint.path_identity(str(folder)) != one
+  with pytest.raises(InputError, match="cannot read"):
+    fingerprint.content_identity(str(tmp_path / "none"))
 
 
 # ---- progress -------------------------------------------------------------------------

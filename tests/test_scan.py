@@ -270,7 +270,7 @@ def _one_error_line(stderr):
 @pytest.mark.parametrize("case,expect", [
     ("missing", "does not exist"), ("ext", "unknown table type"), ("column", "column"),
     ("empty", "no rows"), ("seeds", "--seeds must be integers"),
-    ("batch", "--batch_size and --shard_size must be >= 1, got 0"),
+    ("batch", "--batch_size must be >= 1, got 0"),
 ])
 def test_bad_input_is_one_clear_message(case, expect, tiny_sd1, tmp_path):
   extra = []

@@ -110,7 +110,8 @@ def test_labels_come_out_as_constructed(synthetic):
   assert table.column_names[:10] == list(verify._REFERENCE_COLUMNS)
   assert {pid: r["overfit_type"] for pid, r in rows.items()} == {0: "MV", 1: "TV", 2: "RV",
                                                                   3: "N", 4: None}
-  assert manifest.counts["labels"] == {"MV": 1, "N": 1, "RV": 1, "TV": 1, "none": 1}
+  assert manifest.counts["labels"] == {"MV": 1, "N": 1, "RV": 1, "TV": 1,
+                                     "no_generated_images": 1}
   assert manifest == workdir_lib.read_manifest(str(synthetic["root"] / "out"), "verify")
   assert rows[4]["verify_status"] == "no_generated_images" and rows[4]["gen_seeds"] == []
 

@@ -3,10 +3,13 @@
 `main(define, build, run, summary)` defines the command's flags (typed and
 defaulted by its config dataclass, `cli.options`) and the start-up flags, parses
 them (absl, flagfiles included), calls `jax.distributed.initialize()` when
-asked, builds the config, runs it and prints the summary line on process 0. Every `MemjaxError` (a
-user's missing file, malformed table, bad flag value) is printed as one line
-with exit status 2, never a traceback.
+asked, builds the config, runs it and prints the summary line on process 0.
+Every error a user can cause (a missing file, a malformed table, a bad flag
+value: `MemjaxError`; a full disk, a read-only or non-folder workdir: `OSError`)
+is printed as one line with exit status 2, never a traceback; Ctrl-C ends with
+one line and status 130, leaving the workdir resumable.
 """
+import errno
 import sys
 from typing import Callable, Optional, Sequence
 
@@ -42,6 +45,18 @@ def startup(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                                f["process_id"].value)
 
 
+# Errors of the user's disk and folders (full, read-only, not a folder, no
+# permission): one line, like any other error the user can fix.
+_USER_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM,
+                errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.ENOENT, errno.ENAMETOOLONG)
+
+
+def _fail(message: str, status: int) -> None:
+  logging.flush()
+  print(message, file=sys.stderr)
+  sys.exit(status)
+
+
 def run_main(main_fn: Callable) -> None:
   """app.run(main_fn), turning MemjaxError into one line on stderr and exit 2."""
   def wrapped(argv):
@@ -51,9 +66,14 @@ def run_main(main_fn: Callable) -> None:
     try:
       return main_fn()
     except MemjaxError as e:
-      logging.flush()
-      print(f"error: {e}", file=sys.stderr)
-      sys.exit(2)
+      _fail(f"error: {e}", 2)
+    except KeyboardInterrupt:
+      _fail("interrupted: every finished shard is kept; rerun the same command to resume", 130)
+    except OSError as e:
+      if e.errno not in _USER_ERRNOS:
+        raise
+      where = f": {e.filename}" if e.filename else ""
+      _fail(f"error: cannot write or read{where}: {e.strerror} (errno {e.errno})", 2)
 
   def parse(argv):  # a flag absl cannot parse is the user's error too: one line
     try:

@@ -148,7 +148,7 @@ class ImageEmbedder:
     self.image_size = model_image_size(self.visual)
     self.identity = {
         "embedder": spec.describe(), "random_seed": RANDOM_SEED if spec.random else None,
-        "checkpoint": fingerprint.file_identity(spec.checkpoint) if spec.checkpoint else None,
+        "checkpoint": fingerprint.content_identity(spec.checkpoint) if spec.checkpoint else None,
         "dim": self.dim, "preprocess": {k: _jsonable(v)
                                         for k, v in self.visual.preprocess_cfg.items()},
         "open_clip_version": open_clip.__version__}

@@ -21,6 +21,7 @@ from memjax.data import images as images_lib
 from memjax.data import tables
 from memjax.data.captions import clean_captions
 from memjax.method import edges
+from memjax.runtime import fingerprint
 from memjax.runtime.errors import InputError
 
 PROMPT_FILE = "prompt.txt"
@@ -105,8 +106,16 @@ def open_image_groups(path: str, caption_column: str = "caption",
   """`--images`: a folder of prompt subfolders, or a table of (caption, image path)."""
   if not os.path.exists(path):
     raise InputError(f"--images={path} does not exist")
-  if os.path.isdir(path) and not any(n.endswith(".parquet") for n in os.listdir(path)):
-    return groups_from_folder(path)
+  if os.path.isdir(path):
+    tables_here = sorted(n for n in os.listdir(path) if n.endswith(".parquet"))
+    folders = sorted(n for n in os.listdir(path) if not n.startswith(".") and
+                     os.path.isdir(os.path.join(path, n)))
+    if tables_here and folders:  # which one is meant? Never guess and drop the other.
+      raise InputError(f"--images={path} holds both subfolders ({', '.join(folders[:3])}) and "
+                       f"parquet tables ({', '.join(tables_here[:3])}): give the table's path, "
+                       "or a folder with only the prompts' subfolders")
+    if not tables_here:
+      return groups_from_folder(path)
   return groups_from_table(path, caption_column, image_column, csv_delimiter)
 
 
@@ -132,11 +141,13 @@ class ExternalSource:
                       "image_column": image_column, "max_image_pixels": max_pixels}
 
   def identity(self) -> dict:
-    """The settings and a digest of the listing (captions, paths, file sizes)."""
+    """The settings and a digest of the listing: captions, paths and the content
+    of every image (a replaced image changes it)."""
     digest = hashlib.sha256()
     for g in self.groups:
-      sizes = [os.path.getsize(p) if os.path.isfile(p) else -1 for p in g.paths]
-      digest.update(repr((g.caption, g.caption_status, g.paths, sizes)).encode("utf-8"))
+      contents = [fingerprint.content_identity(p) if os.path.isfile(p) else None
+                  for p in g.paths]
+      digest.update(repr((g.caption, g.caption_status, g.paths, contents)).encode("utf-8"))
     return dict(self._settings, listing=digest.hexdigest())
 
   def read(self, start: int, stop: int) -> List[ImageGroup]:

@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from memjax.data.captions import clean_captions
+from memjax.data.captions import MALFORMED_ROW, clean_captions
 from memjax.runtime.errors import InputError
 
 PROMPT_ID = "prompt_id"
@@ -278,8 +278,25 @@ class _CsvTable(PromptTable):
       raise InputError(f"{path}: cannot read as CSV (delimiter "
                        f"{self.delimiter!r}): {e}") from None
     self._counting = False
+    # Rows with another number of fields than the header are skipped by pyarrow;
+    # they keep their place (and row number) here, as malformed rows.
+    self._bad = self._malformed_rows(len(names)) if self.num_malformed else np.zeros(0, int)
+    self.num_rows += len(self._bad)
     self._check_columns(f" (delimiter {self.delimiter!r}; set --csv_delimiter)")
     self._cursor = _BatchCursor(lambda start: (self._stream(), 0))
+
+  def _malformed_rows(self, width: int) -> np.ndarray:
+    """Row numbers (after the header) of the rows pyarrow skipped, found by a
+    second, Python pass (only when there are such rows)."""
+    with open(self.path, encoding="utf-8", errors="surrogateescape", newline="") as f:
+      rows = (r for r in csv.reader(f, delimiter=self.delimiter) if r)
+      next(rows, None)  # the header
+      bad = [i for i, r in enumerate(rows) if len(r) != width]
+    if len(bad) != self.num_malformed:
+      raise InputError(f"{self.path}: {self.num_malformed} rows have another number of fields "
+                       f"than the header, but they cannot be located (found {len(bad)}); "
+                       "fix the file's quoting")
+    return np.asarray(bad, int)
 
   def _on_invalid_row(self, row):
     if self._counting:  # a skipped row is no row; count it in one pass only.
@@ -295,10 +312,29 @@ class _CsvTable(PromptTable):
       yield from reader
 
   def _read(self, start, stop):
-    table = pa.Table.from_batches(self._cursor.take(start, stop))
+    # Rows [start, stop) are the well-formed rows [lo, hi) plus the malformed ones.
+    lo, hi = (start - np.searchsorted(self._bad, start), stop - np.searchsorted(self._bad, stop))
+    table = pa.Table.from_batches(self._cursor.take(lo, hi), self._cursor_schema())
     raw = table[self.prompt_column].to_pylist() if self.prompt_column else []
     columns = [_decode(table[n]) for n in self.schema.names]
-    return pa.Table.from_arrays(columns, schema=self.schema), raw
+    table = pa.Table.from_arrays(columns, schema=self.schema)
+    bad = set((self._bad[(self._bad >= start) & (self._bad < stop)] - start).tolist())
+    if bad:  # a null row with a malformed caption at each malformed row's place
+      take, out_raw, k = [], [], 0
+      for i in range(stop - start):
+        if i in bad:
+          take.append(None)
+          out_raw.append(MALFORMED_ROW)
+        else:
+          take.append(k)
+          out_raw.append(raw[k] if raw else None)
+          k += 1
+      table = table.take(pa.array(take, pa.int64()))
+      raw = out_raw if self.prompt_column else []
+    return table, raw
+
+  def _cursor_schema(self):
+    return pa.schema([(n, pa.binary()) for n in self.schema.names])
 
 
 _FORMATS = {".parquet": "parquet", ".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv",

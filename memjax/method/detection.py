@@ -88,7 +88,7 @@ def detection_metrics(labels: Sequence[str], scores, positive: Sequence[str],
   """Metrics for the pooled positives and each positive type.
 
   Args:
-    labels: [N] label strings (rows with a NaN score are dropped here).
+    labels: [N] label strings (rows with a NaN or infinite score are dropped here).
     scores: [N] float, higher = more likely memorized.
     positive: the positive label types (e.g. MV, RV, TV).
     ks: the K of precision@K.
@@ -100,7 +100,7 @@ def detection_metrics(labels: Sequence[str], scores, positive: Sequence[str],
   """
   scores = np.asarray(scores, np.float64)
   tiebreak = np.arange(scores.size) if tiebreak is None else np.asarray(tiebreak)
-  valid = ~np.isnan(scores)
+  valid = np.isfinite(scores)  # NaN and inf scores are dropped, never ranked
   labels, scores, tiebreak = np.asarray(labels, object)[valid], scores[valid], tiebreak[valid]
   negative = ~np.isin(labels, list(positive))
   out = {}

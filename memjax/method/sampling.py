@@ -90,6 +90,10 @@ def ddim_timesteps(config: dict, steps: int, source: str = "scheduler_config") -
   else:
     raise ConfigError(f"{source}: timestep_spacing = {spacing!r} is not supported "
                       "(leading, trailing, linspace)")
+  if t.max() >= n_train or t.min() < 0:  # e.g. "leading" with steps_offset at steps = T
+    raise ConfigError(f"--steps={steps}: with {source}'s timestep_spacing = {spacing!r} and "
+                      f"steps_offset = {cfg['steps_offset']}, DDIM would start at timestep "
+                      f"{int(t.max())}, outside [0, {n_train - 1}]; use fewer steps")
   return t
 
 

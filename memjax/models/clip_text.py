@@ -16,6 +16,7 @@ Parameter paths follow the state-dict keys of the checkpoints SD folders ship
 `memjax.models.convert`.
 """
 import dataclasses
+import math
 from typing import Any, Dict, Mapping, Optional
 
 from absl import logging
@@ -26,9 +27,19 @@ import jax.numpy as jnp
 from memjax.runtime.errors import ConfigError, InputError
 from memjax.models.attention import multi_head_attention
 
+
+def _finite(v) -> bool:
+  """A JSON number that is a finite float (NaN, Infinity and 1e400-sized ints are not)."""
+  try:
+    return math.isfinite(float(v))
+  except OverflowError:
+    return False
+
+
 _MODEL_TYPE = "clip_text_model"
 _PREFIX = "text_model."
 _ACTIVATIONS = ("quick_gelu", "gelu")
+_MAX_INT = 2 ** 31 - 1  # the largest size taken from a config (an array dimension)
 
 # Keys that only describe the checkpoint, the tokenizer, training or generation;
 # none changes `last_hidden_state` of CLIPTextModel. The generation and task keys
@@ -83,6 +94,9 @@ class CLIPTextConfig:
     Raises:
       ConfigError: for a value or key that memjax cannot reproduce exactly.
     """
+    if not isinstance(d, Mapping):
+      raise ConfigError(f"{source}: must be a JSON object of config keys, got "
+                        f"{type(d).__name__} {d!r:.60}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     model_type = d.get("model_type", _MODEL_TYPE)
     if model_type != _MODEL_TYPE:
@@ -105,12 +119,13 @@ class CLIPTextConfig:
         continue
       value = d[name]
       if field.type is int:
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-          raise ConfigError(f"{source}: key '{name}' must be a positive integer, "
-                            f"got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= _MAX_INT:
+          raise ConfigError(f"{source}: key '{name}' must be an integer from 1 to "
+                            f"{_MAX_INT}, got {value!r}")
       elif field.type is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-          raise ConfigError(f"{source}: key '{name}' must be a positive number, "
+        if (isinstance(value, bool) or not isinstance(value, (int, float)) or
+            not _finite(value) or value <= 0):
+          raise ConfigError(f"{source}: key '{name}' must be a finite positive number, "
                             f"got {value!r}")
         value = float(value)
       values[name] = value

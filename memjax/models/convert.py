@@ -20,6 +20,7 @@ This module imports neither torch nor jax.numpy math beyond numpy.
 """
 from typing import Callable, Dict, Mapping, Sequence, Tuple
 
+import ml_dtypes
 import numpy as np
 
 from memjax.runtime.errors import CheckpointError
@@ -33,6 +34,10 @@ _IGNORED_SUFFIXES = ("position_ids",)
 _DEPRECATED_ATTENTION = {"query": ("to_q",), "key": ("to_k",), "value": ("to_v",),
                          "proj_attn": ("to_out_0",)}
 _MAX_LISTED = 20
+# Weight dtypes memjax casts to the compute dtype; an integer, bool or complex tensor
+# where a parameter belongs is a broken checkpoint, not something to cast.
+_FLOAT_DTYPES = frozenset(np.dtype(d) for d in (np.float16, np.float32, np.float64,
+                                                ml_dtypes.bfloat16))
 
 
 def torch_key_to_path(key: str) -> Path:
@@ -98,7 +103,7 @@ def torch_to_flax(state: Mapping[str, np.ndarray], abstract_params: Mapping,
   """Converts a PyTorch state dict to a Flax param tree, checking everything.
 
   Args:
-    state: PyTorch key -> array (numpy, any float dtype).
+    state: PyTorch key -> array (numpy: float16, bfloat16, float32 or float64).
     abstract_params: the module's params as `jax.ShapeDtypeStruct`s (from
       `jax.eval_shape`), nested dicts.
     source: key -> the file it came from, for error messages.
@@ -108,7 +113,8 @@ def torch_to_flax(state: Mapping[str, np.ndarray], abstract_params: Mapping,
     Nested dict of numpy arrays with the abstract tree's structure.
 
   Raises:
-    CheckpointError: naming every unexpected, missing or mis-shaped weight.
+    CheckpointError: naming the first weight that is not floating point (one line),
+      else every unexpected, missing or mis-shaped weight.
   """
   target = flatten(abstract_params)
   leaves_by_module: Dict[Path, list] = {}
@@ -118,6 +124,7 @@ def torch_to_flax(state: Mapping[str, np.ndarray], abstract_params: Mapping,
   out: Dict[Path, np.ndarray] = {}
   from_key: Dict[Path, str] = {}
   problems = []
+  not_float = []  # (key, dtype) of weights that match a parameter but are not floats
   for key, value in state.items():
     name = key[len(prefix):] if prefix and key.startswith(prefix) else key
     if name.endswith(_IGNORED_SUFFIXES):
@@ -132,6 +139,10 @@ def torch_to_flax(state: Mapping[str, np.ndarray], abstract_params: Mapping,
     if flax_path is None or flax_path not in target:
       problems.append(f"{source(key)}: unexpected weight '{key}' "
                       f"(no parameter of the model built from the config matches it)")
+      continue
+    dtype = np.asarray(value).dtype
+    if dtype not in _FLOAT_DTYPES:
+      not_float.append((key, dtype))
       continue
     want = tuple(target[flax_path].shape)
     if isinstance(converted, tuple):  # conv weight, layout decided by target rank
@@ -150,6 +161,12 @@ def torch_to_flax(state: Mapping[str, np.ndarray], abstract_params: Mapping,
       continue
     out[flax_path] = converted
     from_key[flax_path] = key
+  if not_float:
+    key, dtype = not_float[0]
+    more = f" (and {len(not_float) - 1} more weights)" if len(not_float) > 1 else ""
+    raise CheckpointError(
+        f"{source(key)}: weight '{key}' has dtype {dtype}{more}; memjax loads only "
+        f"floating-point weights (float16, bfloat16, float32, float64)")
   for path in target:
     if path not in out:
       problems.append(f"{source('')}: missing weight for parameter '{'/'.join(path)}' "

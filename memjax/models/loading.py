@@ -52,17 +52,21 @@ class StableDiffusion:
   dtype: str
   attention: Optional[str] = None
 
+  def _config(self, name: str):
+    """(component config dict, its path); ConfigError if the folder has none."""
+    path = os.path.join(self.model_dir, name, "config.json")
+    if name not in self.configs:
+      raise ConfigError(f"{path}: missing (the model folder needs {name}/config.json)")
+    return self.configs[name], path
+
   @property
   def latent_shape_chw(self):
     """(C, H, W) of the UNet's latents, from unet/config.json's sample_size."""
-    cfg = self.configs["unet"]
-    size = cfg.get("sample_size", 64)
-    h, w = (size, size) if isinstance(size, int) else tuple(size)
-    return (cfg.get("in_channels", 4), h, w)
+    return unet_lib.latent_shape_chw(*self._config("unet"))
 
   @property
   def vae_scaling_factor(self) -> float:
-    return float(self.configs["vae"].get("scaling_factor", 0.18215))
+    return vae_lib.scaling_factor(*self._config("vae"))
 
   def vae_decode(self, vae_params, z):
     """The VAE decoder: latents [N, h, w, c] (already divided by the scaling
@@ -79,24 +83,37 @@ class StableDiffusion:
 
 
 def _read_json(path: str) -> dict:
+  """A JSON object (a config file); ConfigError naming the file otherwise."""
   if not os.path.exists(path):
     raise ConfigError(f"{path}: missing")
   try:
-    with open(path) as f:
-      return json.load(f)
-  except (OSError, ValueError) as e:
+    with open(path, encoding="utf-8") as f:
+      value = json.load(f)
+  except (OSError, ValueError) as e:  # UnicodeDecodeError is a ValueError
     raise ConfigError(f"{path}: not valid JSON: {e}") from None
+  if not isinstance(value, dict):
+    raise ConfigError(f"{path}: must be a JSON object of config keys, got a JSON "
+                      f"{_JSON_TYPES.get(type(value), type(value).__name__)}")
+  return value
 
 
-def dummy_inputs(name: str, cfg: dict):
+_JSON_TYPES = {list: "list", str: "string", int: "number", float: "number", bool: "boolean",
+               type(None): "null"}
+
+
+def dummy_inputs(name: str, cfg):
+  """Inputs that trace a component's init: cfg is its parsed config (UNetConfig,
+  VAEConfig, CLIPTextConfig) or the raw config dict."""
+  if isinstance(cfg, dict):
+    cfg = {"unet": unet_lib.UNetConfig, "vae": vae_lib.VAEConfig,
+           "text_encoder": clip_text.CLIPTextConfig}[name].from_dict(cfg, f"<{name} config>")
   if name == "unet":
-    c = cfg.get("in_channels", 4)
-    return (jnp.zeros((1, 8, 8, c)), jnp.zeros((1,), jnp.int32),
-            jnp.zeros((1, 77, cfg["cross_attention_dim"])))
+    return (jnp.zeros((1, 8, 8, cfg.in_channels)), jnp.zeros((1,), jnp.int32),
+            jnp.zeros((1, 77, cfg.cross_attention_dim)))
   if name == "vae":
-    f = 2 ** (len(cfg["block_out_channels"]) - 1)
-    return (jnp.zeros((1, 8 * f, 8 * f, cfg.get("in_channels", 3))),)
-  return (jnp.zeros((1, min(77, cfg.get("max_position_embeddings", 77))), jnp.int32),)
+    f = cfg.downsample_factor
+    return (jnp.zeros((1, 8 * f, 8 * f, cfg.in_channels)),)
+  return (jnp.zeros((1, min(77, cfg.max_position_embeddings)), jnp.int32),)
 
 
 def build_module(name: str, cfg: dict, source: str, dtype=jnp.float32,
@@ -121,7 +138,9 @@ def build_module(name: str, cfg: dict, source: str, dtype=jnp.float32,
 
 def abstract_params(name: str, module, cfg: dict):
   """The module's params as ShapeDtypeStructs, without initialising anything."""
-  shapes = jax.eval_shape(module.init, jax.random.PRNGKey(0), *dummy_inputs(name, cfg))
+  parsed = getattr(module, "config", None)
+  shapes = jax.eval_shape(module.init, jax.random.PRNGKey(0),
+                          *dummy_inputs(name, cfg if parsed is None else parsed))
   return shapes["params"]
 
 

@@ -15,6 +15,7 @@ attentions_1/transformer_blocks_0/attn1/to_q`), so
 Activations are NHWC throughout.
 """
 import dataclasses
+import math
 from typing import Any, Mapping, Optional, Tuple, Union
 
 import flax.linen as nn
@@ -23,6 +24,15 @@ import jax.numpy as jnp
 
 from memjax.runtime.errors import ConfigError
 from memjax.models import unet_blocks as blocks
+
+
+def _finite(v) -> bool:
+  """A JSON number that is a finite float (NaN, Infinity and 1e400-sized ints are not)."""
+  try:
+    return math.isfinite(float(v))
+  except OverflowError:
+    return False
+
 
 _CROSS_DOWN, _DOWN = "CrossAttnDownBlock2D", "DownBlock2D"
 _CROSS_UP, _UP = "CrossAttnUpBlock2D", "UpBlock2D"
@@ -64,6 +74,49 @@ _IGNORED = frozenset({
 _PER_BLOCK_FIXED = {"only_cross_attention": False, "transformer_layers_per_block": 1}
 
 IntOrTuple = Union[int, Tuple[int, ...]]
+# The latent side when unet/config.json has no sample_size (SD1's 512 px / 8).
+DEFAULT_SAMPLE_SIZE = 64
+
+
+# The largest size memjax takes from a config: an array dimension, not an overflow.
+MAX_INT = 2 ** 31 - 1
+
+
+def _is_int(v) -> bool:
+  """An int of a config (not a bool), at most MAX_INT."""
+  return isinstance(v, int) and not isinstance(v, bool) and v <= MAX_INT
+
+
+def check_object(d, source: str) -> None:
+  """ConfigError unless d is a JSON object (a config file that is a list is not)."""
+  if not isinstance(d, Mapping):
+    raise ConfigError(f"{source}: must be a JSON object of config keys, got "
+                      f"{type(d).__name__} {d!r:.60}")
+
+
+def sample_size_hw(d: Mapping[str, Any], source: str) -> Optional[Tuple[int, int]]:
+  """(h, w) of `sample_size` (one positive integer or [h, w]), None if unset."""
+  v = d.get("sample_size")
+  if v is None:
+    return None
+  if _is_int(v) and v >= 1:
+    return (v, v)
+  if isinstance(v, (list, tuple)) and len(v) == 2 and all(_is_int(x) and x >= 1 for x in v):
+    return (v[0], v[1])
+  raise ConfigError(f"{source}: sample_size must be a positive integer or [height, width] "
+                    f"of positive integers, got {v!r:.60}")
+
+
+def latent_shape_chw(d: Mapping[str, Any], source: str) -> Tuple[int, int, int]:
+  """(C, H, W) of the latents a unet/config.json describes: in_channels and
+  sample_size (default 64, Stable Diffusion 1's), each checked."""
+  check_object(d, source)
+  c = d.get("in_channels", UNetConfig.in_channels)
+  if not _is_int(c) or c < 1:
+    raise ConfigError(f"{source}: in_channels must be an integer from 1 to {MAX_INT}, "
+                      f"got {c!r:.60}")
+  h, w = sample_size_hw(d, source) or (DEFAULT_SAMPLE_SIZE, DEFAULT_SAMPLE_SIZE)
+  return (c, h, w)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,26 +171,29 @@ class UNetConfig:
     Raises:
       ConfigError: for a key or value memjax does not support.
     """
+    check_object(d, source)
+
     def fail(key, why):
       return ConfigError(f"{source}: {key} {why}")
 
     def unsupported(key, value, hint=""):
       return fail(key, f"= {value!r} is not supported{hint}")
 
-    def is_int(v):
-      return isinstance(v, int) and not isinstance(v, bool)
+    is_int = _is_int
 
     def pos_int(key, default, minimum=1):
       v = d.get(key, default)
       if not is_int(v) or v < minimum:
-        raise fail(key, f"must be an integer >= {minimum}, got {v!r}")
+        raise fail(key, f"must be an integer from {minimum} to {MAX_INT}, got {v!r}")
       return v
 
     def number(key, default, positive=False):
       v = d.get(key, default)
-      if isinstance(v, bool) or not isinstance(v, (int, float)) or (positive and v <= 0):
-        raise fail(key, f"must be a {'positive ' if positive else ''}number, got {v!r}")
-      return v
+      if (isinstance(v, bool) or not isinstance(v, (int, float)) or
+          not _finite(v) or (positive and v <= 0)):
+        raise fail(key, f"must be a finite {'positive ' if positive else ''}number, "
+                 f"got {v!r}")
+      return float(v)  # a JSON integer too (1e30 written as digits overflows jnp ints)
 
     def flag(key, default):
       v = d.get(key, default)
@@ -212,6 +268,7 @@ class UNetConfig:
         return tuple(v)
       raise fail(key, f"must be a positive integer or a list of {n}, got {v!r}")
 
+    sample_size_hw(d, source)  # checked here; kept as written (no effect on the math)
     head_dim = per_block("attention_head_dim", cls.attention_head_dim, False)
     num_heads = per_block("num_attention_heads", None, True)
     groups = pos_int("norm_num_groups", cls.norm_num_groups)

@@ -12,6 +12,7 @@ resnets_1/conv2`), so `memjax.models.convert.torch_to_flax` loads a diffusers
 checkpoint by rule. Activations are NHWC throughout.
 """
 import dataclasses
+import math
 from typing import Any, Mapping, Optional, Tuple
 
 import flax.linen as nn
@@ -21,15 +22,42 @@ import jax.numpy as jnp
 from memjax.runtime.errors import ConfigError
 from memjax.models.attention import multi_head_attention
 
+
+def _finite(v) -> bool:
+  """A JSON number that is a finite float (NaN, Infinity and 1e400-sized ints are not)."""
+  try:
+    return math.isfinite(float(v))
+  except OverflowError:
+    return False
+
+
 # diffusers' Encoder/Decoder pass resnet_eps=1e-6 to every GroupNorm and to the
 # mid-block attention's GroupNorm.
 _NORM_EPS = 1e-6
+_MAX_INT = 2 ** 31 - 1  # the largest size taken from a config (an array dimension)
 _DOWN_BLOCK = "DownEncoderBlock2D"
 _UP_BLOCK = "UpDecoderBlock2D"
 # Keys that describe the file, not the model, and keys diffusers uses only for
 # pipeline policy (tiling size, fp16 upcasting) that do not change the math.
 _IGNORED_KEYS = frozenset({"architectures", "transformers_version", "torch_dtype",
                            "sample_size", "force_upcast"})
+
+
+def _check_object(d, source: str) -> None:
+  if not isinstance(d, Mapping):
+    raise ConfigError(f"{source}: must be a JSON object of config keys, got "
+                      f"{type(d).__name__} {d!r:.60}")
+
+
+def scaling_factor(d: Mapping[str, Any], source: str) -> float:
+  """vae/config.json's scaling_factor (default SD1's 0.18215), a finite positive number."""
+  _check_object(d, source)
+  scale = d.get("scaling_factor", VAEConfig.scaling_factor)
+  if (isinstance(scale, bool) or not isinstance(scale, (int, float)) or
+      not _finite(scale) or scale <= 0):
+    raise ConfigError(f"{source}: 'scaling_factor' must be a finite positive number, "
+                      f"got {scale!r:.60}")
+  return float(scale)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,13 +90,15 @@ class VAEConfig:
     Raises:
       ConfigError: for a key or value memjax does not support.
     """
+    _check_object(d, source)
+
     def fail(key, why):
       return ConfigError(f"{source}: '{key}' {why}")
 
     def pos_int(key, default):
       v = d.get(key, default)
-      if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise fail(key, f"must be a positive integer, got {v!r}")
+      if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= _MAX_INT:
+        raise fail(key, f"must be an integer from 1 to {_MAX_INT}, got {v!r}")
       return v
 
     def flag(key, default):
@@ -91,7 +121,8 @@ class VAEConfig:
 
     channels = d.get("block_out_channels", cls.block_out_channels)
     if (not isinstance(channels, (list, tuple)) or not channels or
-        any(isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in channels)):
+        any(isinstance(c, bool) or not isinstance(c, int) or not 1 <= c <= _MAX_INT
+            for c in channels)):
       raise fail("block_out_channels", f"must be a non-empty list of positive "
                  f"integers, got {channels!r}")
     channels = tuple(channels)
@@ -113,9 +144,7 @@ class VAEConfig:
       if d.get(key) is not None:
         raise fail(key, "is set; memjax supports only null (per-channel latent "
                    "statistics are not implemented)")
-    scale = d.get("scaling_factor", cls.scaling_factor)
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale <= 0:
-      raise fail("scaling_factor", f"must be a positive number, got {scale!r}")
+    scale = scaling_factor(d, source)
     groups = pos_int("norm_num_groups", cls.norm_num_groups)
     for c in channels:
       if c % groups:
@@ -128,7 +157,7 @@ class VAEConfig:
         layers_per_block=pos_int("layers_per_block", cls.layers_per_block),
         latent_channels=pos_int("latent_channels", cls.latent_channels),
         norm_num_groups=groups,
-        scaling_factor=float(scale),
+        scaling_factor=scale,
         use_quant_conv=flag("use_quant_conv", cls.use_quant_conv),
         use_post_quant_conv=flag("use_post_quant_conv", cls.use_post_quant_conv),
         mid_block_add_attention=flag("mid_block_add_attention",

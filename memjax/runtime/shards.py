@@ -156,7 +156,7 @@ def open_shards(directory: str) -> ds.Dataset:
 
 def top_k(directory: str, k: int, column: str = "scores", ascending: bool = False,
           batch_rows: int = 65536) -> pa.Table:
-  """The k rows with the highest (lowest if ascending) non-null, non-NaN value
+  """The k rows with the highest (lowest if ascending) non-null, finite value
   of `column` over all shards, best first, ties by prompt_id ascending.
 
   Streams the shards: memory holds at most k + max(k, batch_rows) rows.
@@ -176,7 +176,7 @@ def top_k(directory: str, k: int, column: str = "scores", ascending: bool = Fals
     values = batch[column]
     keep = pc.is_valid(values)
     if pa.types.is_floating(values.type):
-      keep = pc.and_(keep, pc.invert(pc.is_nan(values)))
+      keep = pc.and_(keep, pc.is_finite(values))  # NaN and inf are never ranked
     batch = batch.filter(keep)
     buffered.append(pa.Table.from_batches([batch], dataset.schema))
     rows += batch.num_rows

@@ -20,6 +20,7 @@ import pyarrow as pa
 
 from memjax.data import tables
 from memjax.data.captions import clean_captions
+from memjax.runtime import fingerprint
 from memjax.runtime import shards
 from memjax.runtime import workdir as workdir_lib
 from memjax.runtime.errors import InputError
@@ -45,8 +46,16 @@ class RowSource:
 
 
 def _rename(table: pa.Table, names: Sequence[str], prefix: str) -> pa.Table:
-  names = set(names)
-  return table.rename_columns([f"{prefix}_{c}" if c in names else c for c in table.column_names])
+  """Columns in `names` become `<prefix>_<name>` (prefixed again while that name is
+  taken, so an input holding both `scores` and `input_scores` keeps both)."""
+  names, taken, out = set(names), set(table.column_names), []
+  for c in table.column_names:
+    new = c
+    while new in names or (new != c and new in taken):
+      new = f"{prefix}_{new}"
+    taken.add(new)
+    out.append(new)
+  return table.rename_columns(out)
 
 
 def _with_caption(table: pa.Table, texts, caption_column: str) -> pa.Table:
@@ -69,8 +78,9 @@ def _from_table(path: str, prompt_column: str, csv_delimiter: Optional[str],
     chunk.table = _with_caption(t, chunk.texts, prompt_column)
     return chunk
 
-  return RowSource(n, read, {"prompts": os.path.abspath(path), "prompt_column": prompt_column,
-                             "max_prompts": max_prompts})
+  return RowSource(n, read, {"prompts": os.path.abspath(path),
+                             "prompts_content": fingerprint.path_identity(path),
+                             "prompt_column": prompt_column, "max_prompts": max_prompts})
 
 
 def _stage_dir(path: str, stages: Sequence[Tuple[str, str]]):

@@ -27,6 +27,7 @@ from memjax.data import images as images_lib
 from memjax.method import edges
 from memjax.method import noise as noise_lib
 from memjax.method import onestep
+from memjax.runtime import checks
 from memjax.runtime import distributed
 from memjax.runtime import engine
 from memjax.runtime import shards
@@ -56,6 +57,19 @@ class BlackboxConfig(common.ModelStageSettings):
   image_column: str = "image_path"
   max_image_pixels: int = images_lib.DEFAULT_MAX_PIXELS
   edge_workers: int = 0  # host threads for resizing/edges/PNGs (0: one per core)
+
+  def __post_init__(self):
+    super().__post_init__()
+    checks.at_least(self, 0, "edge_workers")
+    checks.at_least(self, 1, "max_image_pixels")
+    checks.finite(self, "edge_threshold", "edge_consistency")
+    if self.images and (self.model or self.prompts):
+      raise InputError("give either --images (external images) or --model and --prompts")
+    if not self.images and not (self.model and self.prompts):
+      raise InputError("--model and --prompts are required (or --images for external images)")
+    if not self.images and not self.noise and len(self.seeds) < 2:
+      raise InputError(f"the edge score compares samples: --seeds needs at least 2 seeds, "
+                       f"got {list(self.seeds)}")
 
 
 def make_step(sd, noise: np.ndarray, guidance_scale: float, batch_size: int, mesh,
@@ -126,26 +140,10 @@ def _write_image_table(folder: str) -> int:
   return table.num_rows
 
 
-def _check_config(cfg: BlackboxConfig) -> None:
-  if cfg.images and (cfg.model or cfg.prompts):
-    raise InputError("give either --images (external images) or --model and --prompts")
-  if not cfg.images and not (cfg.model and cfg.prompts):
-    raise InputError("--model and --prompts are required (or --images for external images)")
-  if cfg.top_k < 1:
-    raise InputError(f"--top_k must be >= 1, got {cfg.top_k}")
-  if cfg.batch_size < 1 or cfg.shard_size < 1:
-    raise InputError(f"--batch_size and --shard_size must be >= 1, got "
-                     f"{cfg.batch_size}, {cfg.shard_size}")
-  if not cfg.images and not cfg.noise and len(cfg.seeds) < 2:
-    raise InputError(f"the edge score compares samples: --seeds needs at least 2 seeds, "
-                     f"got {list(cfg.seeds)}")
-
-
 def run(cfg: BlackboxConfig) -> Optional[workdir_lib.Manifest]:
   """Scores every prompt (or external image group) into WORKDIR/blackbox; returns
   the manifest (None on processes other than 0)."""
   t0 = time.perf_counter()
-  _check_config(cfg)
   common_id = {"shard_size": cfg.shard_size, "edge_threshold": cfg.edge_threshold,
                "edge_consistency": cfg.edge_consistency, "save_images": cfg.save_images}
   seeds: List[int] = []
@@ -181,7 +179,7 @@ def run(cfg: BlackboxConfig) -> Optional[workdir_lib.Manifest]:
     else:
       if todo:  # a finished run resumes without compiling
         mesh = distributed.local_mesh(cfg.devices)
-        step = make_step(sd, noise, cfg.guidance_scale, cfg.batch_size, mesh)
+        step = make_step(sd, noise, cfg.guidance_scale, common.batch_for(cfg, n_rows), mesh)
       work = lambda a, b, tok: _generated_table(cfg, stage.dir, step, pool, tok, seeds)
     stats = stage.loop(todo, read, work, "prompts", cfg.log_interval_s)
   if not stage.complete():

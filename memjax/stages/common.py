@@ -12,8 +12,11 @@ import pyarrow as pa
 
 from memjax.data.tables import PromptChunk
 from memjax.method import whitebox
+from memjax.models import attention as attention_lib
 from memjax.models import loading
+from memjax.runtime import checks
 from memjax.runtime import fingerprint
+from memjax.runtime.errors import InputError
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -31,6 +34,21 @@ class ModelStageSettings:
   overwrite: bool = False
   log_interval_s: float = 30.0
   devices: Optional[int] = None
+
+  def __post_init__(self):
+    checks.at_least(self, 1, "top_k", "max_prompts", "devices", "batch_size", "shard_size")
+    checks.at_least(self, 0, "log_interval_s")
+    checks.finite(self, "guidance_scale", "log_interval_s")
+    checks.one_of(self, "dtype", ("float32", "bfloat16"))
+    checks.one_of(self, "attention", (None,) + attention_lib.KERNELS)
+    checks.seeds(self)
+    if not self.seeds and not self.noise:
+      raise InputError("--seeds must name at least one seed (or give --noise)")
+
+
+def batch_for(cfg, n_rows: int) -> int:
+  """--batch_size, cut to the rows there are (a 3-row table does not pad to 100000)."""
+  return max(1, min(cfg.batch_size, n_rows))
 
 
 def load_model(model: str, dtype: str, attention: Optional[str],

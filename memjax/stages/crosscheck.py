@@ -26,6 +26,7 @@ from memjax.method import edges
 from memjax.method import noise as noise_lib
 from memjax.method import onestep
 from memjax.models import loading
+from memjax.runtime import checks
 from memjax.runtime import distributed
 from memjax.runtime import shards
 from memjax.runtime import workdir as workdir_lib
@@ -58,10 +59,13 @@ class CrossCheckConfig:
   batch_size: int = 16
   blackbox: bool = False  # also compare the one-step images and edge scores
 
+  def __post_init__(self):
+    checks.at_least(self, 1, "n", "batch_size")
+    checks.finite(self, "guidance_scale")
+    checks.seeds(self)
+
 
 def _first_captions(cfg: CrossCheckConfig):
-  if cfg.n < 1:
-    raise InputError(f"--n must be >= 1, got {cfg.n}")
   table = tables.open_prompts(cfg.prompts, cfg.prompt_column, cfg.csv_delimiter)
   captions = []
   for chunk in table.iter_chunks(0, table.num_rows, 4096):

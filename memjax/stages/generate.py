@@ -31,12 +31,12 @@ import pyarrow.compute as pc
 from memjax.data import images as images_lib
 from memjax.method import noise as noise_lib
 from memjax.method import sampling
+from memjax.runtime import checks
 from memjax.runtime import distributed
 from memjax.runtime import engine
 from memjax.runtime import shards
 from memjax.runtime import sources
 from memjax.runtime import workdir as workdir_lib
-from memjax.runtime.errors import InputError
 from memjax.stages import common
 
 STAGE = "generate"
@@ -58,6 +58,12 @@ class GenerateConfig(common.ModelStageSettings):
   batch_size: int = 8  # prompts per call; the UNet batch is 2 * batch_size * seeds
   seeds: Sequence[int] = DEFAULT_SEEDS
   shard_size: int = 64  # prompts per shard
+
+  def __post_init__(self):
+    super().__post_init__()
+    checks.at_least(self, 1, "steps")
+    checks.one_of(self, "sampler", sampling.SAMPLERS)
+    checks.one_of(self, "sigma_interpolation", ("linear", "log"))
 
 
 def make_step(sd, plan: sampling.SamplerPlan, noise: np.ndarray, guidance_scale: float,
@@ -142,11 +148,6 @@ def run(cfg: GenerateConfig) -> Optional[workdir_lib.Manifest]:
   """Generates every prompt of cfg.prompts into WORKDIR/generate; returns the
   manifest (None on processes other than 0)."""
   t0 = time.perf_counter()
-  if cfg.batch_size < 1 or cfg.shard_size < 1:
-    raise InputError(f"--batch_size and --shard_size must be >= 1, got "
-                     f"{cfg.batch_size}, {cfg.shard_size}")
-  if not cfg.seeds and not cfg.noise:
-    raise InputError("--seeds must name at least one seed")
   source = sources.open_rows(cfg.prompts, cfg.prompt_column, cfg.csv_delimiter,
                              top_k=cfg.top_k, max_prompts=cfg.max_prompts,
                              stages=(("blackbox", "edge_scores"), ("scan", "scores")),
@@ -163,7 +164,8 @@ def run(cfg: GenerateConfig) -> Optional[workdir_lib.Manifest]:
   stage = engine.StageRun(cfg.workdir, STAGE, identity, cfg.overwrite, started=t0)
   todo = stage.todo(source.num_rows, cfg.shard_size)
   mesh = distributed.local_mesh(cfg.devices)
-  step = make_step(sd, plan, noise, cfg.guidance_scale, cfg.batch_size, mesh)
+  step = make_step(sd, plan, noise, cfg.guidance_scale, common.batch_for(cfg, source.num_rows),
+                   mesh)
   with concurrent.futures.ThreadPoolExecutor(4) as pool:
     stats = stage.loop(todo, lambda a, b: common.tokenize(source.read(a, b), sd.tokenizer),
                        lambda a, b, tok: _shard_table(stage.dir, step, pool, tok, seeds),

@@ -30,7 +30,9 @@ from memjax.data import embed
 from memjax.data import images as images_lib
 from memjax.data import retrieval
 from memjax.data import tables
+from memjax.runtime import checks
 from memjax.runtime import distributed
+from memjax.runtime import fingerprint
 from memjax.runtime import engine
 from memjax.runtime import workdir as workdir_lib
 from memjax.runtime.errors import InputError
@@ -56,6 +58,10 @@ class IndexConfig:
   max_train: int = 1 << 20
   overwrite: bool = False
   log_interval_s: float = 30.0
+
+  def __post_init__(self):
+    checks.at_least(self, 1, "nprobe", "batch_size", "max_images", "chunk_rows", "max_train")
+    checks.at_least(self, 0, "log_interval_s")
 
 
 def _column(table: pa.Table, name: str) -> list:
@@ -111,10 +117,6 @@ def _check(cfg: IndexConfig) -> None:
     raise InputError(f"--images={cfg.images}: file does not exist")
   if cfg.embeddings and not os.path.isdir(cfg.embeddings):
     raise InputError(f"--embeddings={cfg.embeddings}: folder does not exist")
-  if cfg.chunk_rows < 1 or cfg.batch_size < 1:
-    raise InputError("--chunk_rows and --batch_size must be >= 1")
-  if cfg.max_images is not None and cfg.max_images < 1:
-    raise InputError(f"--max_images must be >= 1, got {cfg.max_images}")
 
 
 def run(cfg: IndexConfig) -> Optional[workdir_lib.Manifest]:
@@ -135,7 +137,11 @@ def run(cfg: IndexConfig) -> Optional[workdir_lib.Manifest]:
     dim = retrieval.chunk_dim(retrieval.list_chunks(cfg.embeddings))
   retrieval.new_index(cfg.index_factory, dim)  # a bad factory fails before hours of embedding
   identity = {"images": os.path.abspath(cfg.images) if cfg.images else None,
+              "images_content": fingerprint.path_identity(cfg.images) if cfg.images else None,
               "embeddings": os.path.abspath(cfg.embeddings) if cfg.embeddings else None,
+              "embeddings_content": (fingerprint.files_identity(cfg.embeddings, [
+                  c for chunk in retrieval.list_chunks(cfg.embeddings)
+                  for c in (chunk.emb_path, chunk.meta_path)]) if cfg.embeddings else None),
               "embedder": embedder.identity if embedder else None,
               "max_images": cfg.max_images, "chunk_rows": cfg.chunk_rows}
   # The FAISS index is built again by every run (cheap next to embedding), so its

@@ -5,8 +5,8 @@ workdirs (their scan and blackbox shards) or tables; labels from a workdir (its
 verify table, or its scan shards for a planted column such as the testbed's
 `kind`) or a table. Rows join on `prompt_id` (a stage fed by a scan keeps the
 scan's id as `scan_prompt_id`, which is used instead), or on the caption when
-the labels have no ids. Rows with an empty label or a null / NaN score are
-dropped (counted in the report). With a workdir, the report is written to
+the labels have no ids. Rows with an empty label or a null, NaN or infinite score
+are dropped (counted in the report). With a workdir, the report is written to
 `WORKDIR/metrics/<name>.json`, listed in `WORKDIR/metrics/manifest.json`.
 """
 import collections
@@ -168,7 +168,7 @@ def join_scores(sources: Sequence[tuple], labels: dict, key: str,
     scores = values.cast(pa.float64()).fill_null(np.nan).to_numpy()[kept]
     joined[column] = {"source": source, "labels": [labels[k] for k in keys], "scores": scores,
                       "tiebreak": ids[kept], "score_rows": table.num_rows,
-                      "dropped_nan_score": int(np.isnan(scores).sum()),
+                      "dropped_nonfinite_score": int((~np.isfinite(scores)).sum()),
                       "duplicate_keys_dropped": int(rows.size - kept.size)}
   if not any(j["labels"] for j in joined.values()):
     raise InputError(f"no {key} of the labels occurs in --scores ({names}); nothing to "

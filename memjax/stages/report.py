@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 
 from memjax.data import images as images_lib
 from memjax.data import templates as templates_lib
+from memjax.runtime import checks
 from memjax.runtime import distributed
 from memjax.runtime import shards
 from memjax.runtime import workdir as workdir_lib
@@ -44,6 +45,11 @@ class ReportConfig:
   workdir: str
   top_k: Optional[int] = None  # None: the scan's top_k (25 without a scan manifest)
   k_list: Sequence[int] = (5, 10, 25, 100)
+
+  def __post_init__(self):
+    checks.at_least(self, 1, "top_k")
+    if not self.k_list or min(self.k_list) < 1:
+      raise InputError(f"--k_list must be positive integers, got {list(self.k_list)}")
 
 
 def _scan_key(table) -> str:
@@ -191,7 +197,7 @@ def top_rows(d: Dict, k: int) -> List[Dict]:
   if d["scan"] is not None and "scores" in d["scan"]:
     ids, values = np.asarray(d["scan"]["prompt_id"]), d["scan"]["scores"]
     vals = np.array([np.nan if v is None else v for v in values], np.float64)
-    ok = np.flatnonzero(~np.isnan(vals))
+    ok = np.flatnonzero(np.isfinite(vals))
     order = ok[np.lexsort((ids[ok], -vals[ok]))][:k]  # ties by prompt id, as shards.top_k
     rows = []
     for i in order:
@@ -256,6 +262,8 @@ def gallery_images(d: Dict, row: Dict, out_dir: str) -> Dict[str, List]:
       rel = _copy(src, out_dir, f"{img}/{kind}/{pid}_{n}.png")
       if rel:
         imgs[kind].append((rel, os.path.basename(src)))
+      else:  # listed by a stage, gone from disk: said in the report, not hidden
+        d.setdefault("absent_images", []).append(src)
   v = row.get("verify") or {}
   refs = v.get("retrieved_urls") or ([v["own_ref"]] if v.get("own_ref") else [])
   for n, ref in enumerate(refs[:4]):
@@ -291,6 +299,10 @@ def run(cfg: ReportConfig) -> workdir_lib.Manifest:
   plots = report_plots.write_all(os.path.join(out_dir, img), labels, scores, POSITIVE)
   if not labels:
     d["missing"].append("labels of any kind: no precision@K, ROC or label plots")
+  absent = d.get("absent_images") or []
+  if absent:
+    d["missing"].append(f"{len(absent)} images the stages wrote are no longer on disk "
+                        f"(e.g. {absent[0]}): not shown")
   page = report_html.render(d, rows, metric_reports, [f"{img}/{p}" for p in plots], ks)
   path = os.path.join(out_dir, workdir_lib.REPORT_PAGE)
   workdir_lib.write_text(path, page)

@@ -26,6 +26,7 @@ from memjax.runtime.errors import InputError
 from memjax.stages import common
 
 STAGE = "scan"
+NONFINITE = "nonfinite_score"  # a NaN or infinite DCS (a broken model, noise or w)
 SCORE_COLUMNS = ("scores", "scores_per_seed", "wen", "uncond_norm", "align", "n_tokens",
                  "truncated", "status")
 
@@ -59,6 +60,9 @@ def _output_table(tok: common.Tokenized, stats) -> pa.Table:
   if stats is None:  # no scorable row in this shard
     stats = {k: np.zeros((0, 1), np.float32) for k in ("dcs", "wen", "uncond_norm", "align")}
   mean = lambda k: stats[k].mean(axis=1).astype(np.float32)
+  status = list(tok.chunk.status)
+  for i in rows[~np.isfinite(stats["dcs"]).all(axis=1)]:  # never ranked, counted apart
+    status[i] = NONFINITE
   cols = {
       "scores": common.scatter(n, rows, mean("dcs"), pa.float32()),
       "scores_per_seed": common.scatter_list(n, rows, [list(r) for r in stats["dcs"]],
@@ -68,7 +72,7 @@ def _output_table(tok: common.Tokenized, stats) -> pa.Table:
       "align": common.scatter(n, rows, mean("align"), pa.float32()),
       "n_tokens": common.scatter(n, rows, tok.n_tokens.astype(np.int32), pa.int32()),
       "truncated": common.scatter(n, rows, tok.truncated.astype(bool), pa.bool_()),
-      "status": pa.array(tok.chunk.status, pa.string()),
+      "status": pa.array(status, pa.string()),
   }
   return common.append_columns(tok.chunk.table, cols)
 
@@ -77,13 +81,6 @@ def run(cfg: ScanConfig) -> Optional[workdir_lib.Manifest]:
   """Scores every prompt of cfg.prompts into WORKDIR/scan; returns the manifest
   (None on processes other than 0)."""
   t0 = time.perf_counter()
-  if not cfg.seeds and not cfg.noise:
-    raise InputError("--seeds must name at least one seed")
-  if cfg.top_k < 1:
-    raise InputError(f"--top_k must be >= 1, got {cfg.top_k}")
-  if cfg.batch_size < 1 or cfg.shard_size < 1:  # before the run config is recorded
-    raise InputError(f"--batch_size and --shard_size must be >= 1, got "
-                     f"{cfg.batch_size}, {cfg.shard_size}")
   source = sources.open_rows(cfg.prompts, cfg.prompt_column, cfg.csv_delimiter,
                              max_prompts=cfg.max_prompts, reserved=SCORE_COLUMNS)
   sd = common.load_model(cfg.model, cfg.dtype, cfg.attention, ("unet", "text_encoder"))
@@ -96,7 +93,7 @@ def run(cfg: ScanConfig) -> Optional[workdir_lib.Manifest]:
   todo = stage.todo(source.num_rows, cfg.shard_size)
   mesh = distributed.local_mesh(cfg.devices)
   t1 = time.perf_counter()
-  step = make_step(sd, noise, cfg.guidance_scale, cfg.batch_size, mesh)
+  step = make_step(sd, noise, cfg.guidance_scale, common.batch_for(cfg, source.num_rows), mesh)
   uncond_s = time.perf_counter() - t1
   stats = stage.loop(
       todo, lambda a, b: common.tokenize(source.read(a, b), sd.tokenizer),
@@ -104,8 +101,9 @@ def run(cfg: ScanConfig) -> Optional[workdir_lib.Manifest]:
   if not stage.complete():
     return None
   shards.write_top_k(stage.dir, cfg.top_k, "scores")
-  return stage.write_manifest(
-      cfg, counts=engine.status_counts(stage.dir),
+  counts = engine.status_counts(stage.dir)
+  manifest = stage.write_manifest(
+      cfg, counts=counts,
       timings={"load_s": load_s, "uncond_s": uncond_s, "first_shard_s": stats.first_shard_s,
                "score_s": stats.seconds, "prompts_this_run": stats.rows},
       rate=engine.rate(stats.rows, stats.seconds), rate_unit="prompts/s",
@@ -113,3 +111,8 @@ def run(cfg: ScanConfig) -> Optional[workdir_lib.Manifest]:
       runtime=dict(distributed.runtime_info(mesh, step.compiles), batch_size=step.batch_size),
       details={"timestep": sd.schedule.last_timestep, "seeds": list(cfg.seeds)},
       did_work=stats.rows > 0)
+  bad = counts["status"].get(NONFINITE, 0)
+  if bad and not counts["scored"]:
+    raise InputError(f"every score is NaN or infinite ({bad} rows, status {NONFINITE}): check "
+                     "the model's weights, --noise and --guidance_scale")
+  return manifest

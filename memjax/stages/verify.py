@@ -45,6 +45,7 @@ from memjax.data import retrieval
 from memjax.data import templates as templates_lib
 from memjax.method import labels as labels_lib
 from memjax.method import masks as masks_lib
+from memjax.runtime import checks
 from memjax.runtime import distributed
 from memjax.runtime import progress as progress_lib
 from memjax.runtime import workdir as workdir_lib
@@ -79,6 +80,18 @@ class VerifyConfig:
   max_prompts: Optional[int] = None
   overwrite: bool = False
   log_interval_s: float = 30.0
+
+  def __post_init__(self):
+    checks.at_least(self, 1, "k", "nprobe", "batch_size", "max_prompts")
+    checks.at_least(self, 0, "tv_threshold", "mv_threshold", "rv_threshold", "template_sse_low",
+                    "log_interval_s")
+    checks.finite(self, "tv_threshold", "mv_threshold", "rv_threshold", "template_sse_low",
+                  "template_sse_high", "template_pixel_tol")
+    if not self.template_sse_low < self.template_sse_high:
+      raise InputError(f"--template_sse_low={self.template_sse_low} must be below "
+                       f"--template_sse_high={self.template_sse_high}")
+    if not self.template_pixel_tol > 0:
+      raise InputError(f"--template_pixel_tol must be > 0, got {self.template_pixel_tol}")
 
   @property
   def thresholds(self) -> labels_lib.Thresholds:
@@ -180,7 +193,7 @@ def _row(first: dict, prompt_id, result: Optional[labels_lib.LabelResult], extra
   out = {"caption": first.get("caption"), "index": first.get("index"),
          "url": first.get("url"), "scores": first.get("scores"),
          "edge_scores": first.get("edge_scores"),
-         "overfit_type": result.label if result else None,
+         "overfit_type": result.label if result and extra["verify_status"] == "ok" else None,
          "gen_seeds": result.gen_seeds if result else [],
          "retrieved_urls": refs,
          "mse_real_gen": result.mv_error if result else None,
@@ -266,8 +279,12 @@ def _label_prompt(cfg, store, cache, own_images, pid, gen, images, statuses, bes
     ref_of = dict(zip(map(str, group_keys), refs))
     matched_refs = ([own_ref] if result.label == "MV" else
                     [ref_of.get(str(i)) for i in result.matched_ids])
+  status = "ok" if result else "no_generated_images"
+  if result and result.label == "N" and own is None and not (result.n_retrieved or
+                                                             result.n_templates):
+    status = "nothing_compared"  # no training image could be read: N would be a guess
   extra = {
-      "verify_status": "ok" if result else "no_generated_images",
+      "verify_status": status,
       "gen_status": [statuses[(pid, r["seed"])] for r in gen],
       "own_ref": own_ref, "own_load_status": own_status, "own_error": own_error or None,
       "own_in_index": own_row is not None and own_row.get("id") is not None,
@@ -284,10 +301,6 @@ def run(cfg: VerifyConfig) -> workdir_lib.Manifest:
   Runs on one process (the caller runs it on process 0).
   """
   t_start = time.perf_counter()
-  if cfg.k < 1:
-    raise InputError(f"--k must be >= 1, got {cfg.k}")
-  if cfg.max_prompts is not None and cfg.max_prompts < 1:
-    raise InputError(f"--max_prompts must be >= 1, got {cfg.max_prompts}")
   gen_dir = workdir_lib.resolve(cfg.generated, "generate")
   table = _read_generated(gen_dir, cfg.generated)
   store = retrieval.IndexStore(cfg.index, cfg.nprobe)
@@ -316,7 +329,7 @@ def run(cfg: VerifyConfig) -> workdir_lib.Manifest:
       images.pop((pid, seed), None)  # labelled: free its pixels
     out_rows.append(row)
     all_templates.extend(templates)
-    counts[row["overfit_type"] or "none"] += 1
+    counts[row["overfit_type"] or row["verify_status"]] += 1
     progress.update(1)
   label_s = time.perf_counter() - t0
   workdir_lib.remove(os.path.join(folder, workdir_lib.TEMPLATES))  # no stale PNGs
