@@ -27,7 +27,7 @@ import numpy as np
 from memjax.runtime.errors import InputError
 
 LABEL_ORDER = ("TV", "MV", "RV", "N")
-IMAGE_SIZE = 256
+IMAGE_SIZE = 256  # images are compared at 256 x 256 x 3 in [0, 1]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -147,8 +147,6 @@ class StageRun:
 
   def todo(self, n_rows: int, shard_size: int) -> List[shards.Range]:
     """This process's shards of rows [0, n_rows) not written yet."""
-    if shard_size < 1:
-      raise InputError(f"--shard_size must be >= 1, got {shard_size}")
     self.ranges = shards.shard_ranges(n_rows, shard_size)
     mine = shards.shard_ranges(n_rows, shard_size, self.pid, self.nproc)
     return self.writer.pending(mine)

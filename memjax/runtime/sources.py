@@ -97,8 +97,6 @@ def _from_stage(path: str, stage: str, column: str, folder: str, top_k: int,
   if not os.path.exists(manifest):
     raise InputError(f"--prompts={path}: the {stage} there is not finished ({manifest} is "
                      "missing); rerun it to finish")
-  if top_k < 1:
-    raise InputError(f"--top_k must be >= 1, got {top_k}")
   run_config = workdir_lib.read_json(os.path.join(folder, workdir_lib.RUN_CONFIG))
   top = shards.top_k(folder, top_k, column)
   if max_prompts is not None:
@@ -134,9 +132,9 @@ def open_rows(path: str, prompt_column: str = CAPTION, csv_delimiter: Optional[s
     max_prompts: only the first rows (None: all).
     stages: (stage, score column) pairs a workdir may hold, first found wins.
     reserved: the columns the consuming stage writes (renamed on the way in).
+
+  The counts are the stage config's, checked when it was built (`runtime.checks`).
   """
-  if max_prompts is not None and max_prompts < 1:
-    raise InputError(f"--max_prompts must be >= 1, got {max_prompts}")
   if os.path.isdir(path):
     found = _stage_dir(path, stages)
     if found:

@@ -245,11 +245,12 @@ def check_run_config(workdir: str, stage: str, config: Dict, overwrite: bool) ->
                if old.get(k, missing) != config.get(k, missing)]
     lines = [f"  {k}: {json.dumps(old.get(k, missing))} -> {json.dumps(config.get(k, missing))}"
              for k in changed]
-    for k in changed:  # an input's content identity (`<name>_content`, `model_identity`)
-      named = config.get("model" if k == "model_identity" else k[:-len("_content")])
-      if (k == "model_identity" or k.endswith("_content")) and named == old.get(
-          "model" if k == "model_identity" else k[:-len("_content")]):
-        lines.append(f"  {named} changed since that run began (same path, other content)")
+    for k in changed:  # an input's content identity: `<name>_content`, `model_identity`
+      name = "model" if k == "model_identity" else k[:-len("_content")] \
+          if k.endswith("_content") else None
+      if name and config.get(name) and config.get(name) == old.get(name):
+        lines.append(f"  {config[name]} changed since that run began (same path, other "
+                     "content)")
     raise InputError(f"{workdir} holds a {stage} run with other settings ({record}):\n" +
                      "\n".join(lines) + "\n" + fix)
   leftovers = [n for n in os.listdir(folder) if not n.startswith(".")] \

@@ -47,12 +47,12 @@ from memjax.method import labels as labels_lib
 from memjax.method import masks as masks_lib
 from memjax.runtime import checks
 from memjax.runtime import distributed
+from memjax.runtime import engine
 from memjax.runtime import progress as progress_lib
 from memjax.runtime import workdir as workdir_lib
 from memjax.runtime.errors import InputError
 
 STAGE = "verify"
-IMAGE_SIZE = 256  # docs/method.md section 7: 256 x 256 x 3 in [0, 1]
 _PER_IMAGE = ("seed", "image_path", "status")  # generated.parquet columns not per prompt
 _REFERENCE_COLUMNS = ("caption", "index", "url", "scores", "edge_scores", "overfit_type",
                       "gen_seeds", "retrieved_urls", "mse_real_gen", "template_indices")
@@ -151,7 +151,7 @@ class _ImageCache:
       self.items.move_to_end(key)
       return self.items[key]
     read = images_lib.read_image(ref, cache_dir=self.cache_dir)
-    item = ((images_lib.to_unit(read.pixels, IMAGE_SIZE) if read.usable else None),
+    item = ((images_lib.to_unit(read.pixels, labels_lib.IMAGE_SIZE) if read.usable else None),
             read.status, read.detail)
     self.items[key] = item
     if len(self.items) > _CACHE_IMAGES:
@@ -239,7 +239,7 @@ def _embed_generated(cfg: VerifyConfig, gen_dir: str, embedder, store, order, by
       statuses[(pid, r["seed"])] = status if status == "ok" else f"{status}: {error}"
       if read.usable:
         image = read.pil()
-        images[(pid, r["seed"])] = images_lib.resize_uint8(image, IMAGE_SIZE)
+        images[(pid, r["seed"])] = images_lib.resize_uint8(image, labels_lib.IMAGE_SIZE)
         pending.append(((pid, r["seed"]), image))
         if len(pending) >= _EMBED_CHUNK:
           flush()
@@ -342,7 +342,7 @@ def run(cfg: VerifyConfig) -> workdir_lib.Manifest:
               "templates": len(all_templates), "generated_images": len(statuses)},
       timings={"embed_search_s": embed_search_s, "label_s": label_s,
                "total_s": time.perf_counter() - t_start},
-      rate=len(out_rows) / label_s if out_rows and label_s else None,
+      rate=engine.rate(len(out_rows), label_s),
       rate_unit="prompts/s",
       outputs=dict({"table": workdir_lib.VERIFY_TABLE, "templates": workdir_lib.TEMPLATES},
                    **({"image_cache": workdir_lib.IMAGE_CACHE}  # only when it downloaded
