@@ -53,17 +53,22 @@ def _perturb(model: torch.nn.Module, seed: int) -> None:
 
 
 class _Pair:
-  """A perturbed diffusers UNet and its converted memjax twin, jitted once."""
+  """A perturbed diffusers UNet and its converted memjax twin, jitted once.
 
-  def __init__(self, config: dict, seed: int = 0):
+  config: a config.json's contents; diffusers builds from it (`from_config`) and
+  memjax reads it as written (raw=True) or as diffusers saves it back (every key).
+  """
+
+  def __init__(self, config: dict, seed: int = 0, raw: bool = False):
     from diffusers import UNet2DConditionModel as TorchUNet  # pylint: disable=g-import-not-at-top
     torch.manual_seed(seed)
-    self.torch_model = TorchUNet(**config).eval()
+    self.torch_model = TorchUNet.from_config(config).eval()
     _perturb(self.torch_model, seed)
     # The full diffusers config (every key, as saved to config.json) must load.
-    self.config = UNetConfig.from_dict(dict(self.torch_model.config), _SOURCE)
+    self.config = UNetConfig.from_dict(dict(config if raw else self.torch_model.config),
+                                       _SOURCE)
     self.module = UNet2DConditionModel(self.config)
-    self.cross = config["cross_attention_dim"]
+    self.cross = self.config.cross_attention_dim
     h = config["sample_size"]
     abstract = jax.eval_shape(
         self.module.init, jax.random.key(0), jnp.zeros((1, h, h, 4)), jnp.zeros((1,)),
@@ -115,6 +120,78 @@ def test_parity_with_diffusers(name, t, request):
   print(f"{name} t={t}: max|diff|/max|ref| = {err:.2e}")
   assert got.shape == want.shape == (2, 16, 16, 4)
   assert err <= _TOL
+
+
+_DOWN = ["CrossAttnDownBlock2D", "DownBlock2D"]
+_UP = ["UpBlock2D", "CrossAttnUpBlock2D"]
+_TINY = {"block_out_channels": [32, 64], "down_block_types": _DOWN, "up_block_types": _UP,
+         "cross_attention_dim": 32, "norm_num_groups": 8, "sample_size": 16}
+# unet/config.json as real folders of each diffusers vintage hold it (every key and
+# value of the original, the sizes shrunk): SD1.5 as first published (0.6.0), as
+# diffusers 0.17's checkpoint conversion wrote it (`upcast_attention: null`, null for
+# every unset option), SD2.1 (0.10), and the list forms diffusers also accepts.
+_VINTAGES = {
+    "sd15_diffusers_0.6": dict(
+        _TINY, _class_name="UNet2DConditionModel", _diffusers_version="0.6.0",
+        act_fn="silu", attention_head_dim=8, center_input_sample=False,
+        downsample_padding=1, flip_sin_to_cos=True, freq_shift=0, in_channels=4,
+        layers_per_block=1, mid_block_scale_factor=1, norm_eps=1e-05, out_channels=4),
+    "converted_diffusers_0.17": dict(
+        _TINY, _class_name="UNet2DConditionModel", _diffusers_version="0.17.0",
+        act_fn="silu", addition_embed_type=None, addition_embed_type_num_heads=64,
+        attention_head_dim=8, center_input_sample=False, class_embed_type=None,
+        class_embeddings_concat=False, conv_in_kernel=3, conv_out_kernel=3,
+        cross_attention_norm=None, downsample_padding=1, dual_cross_attention=False,
+        encoder_hid_dim=None, encoder_hid_dim_type=None, flip_sin_to_cos=True, freq_shift=0,
+        in_channels=4, layers_per_block=1, mid_block_only_cross_attention=None,
+        mid_block_scale_factor=1, mid_block_type="UNetMidBlock2DCrossAttn", norm_eps=1e-05,
+        num_attention_heads=None, num_class_embeds=None, only_cross_attention=False,
+        out_channels=4, projection_class_embeddings_input_dim=None,
+        resnet_out_scale_factor=1.0, resnet_skip_time_act=False,
+        resnet_time_scale_shift="default", time_cond_proj_dim=None,
+        time_embedding_act_fn=None, time_embedding_dim=None,
+        time_embedding_type="positional", timestep_post_act=None, upcast_attention=None,
+        use_linear_projection=False),
+    "sd21_diffusers_0.10": dict(
+        _TINY, _class_name="UNet2DConditionModel", _diffusers_version="0.10.0.dev0",
+        act_fn="silu", attention_head_dim=[2, 4], center_input_sample=False,
+        cross_attention_dim=64, downsample_padding=1, dual_cross_attention=False,
+        flip_sin_to_cos=True, freq_shift=0, in_channels=4, layers_per_block=1,
+        mid_block_scale_factor=1, norm_eps=1e-05, num_class_embeds=None,
+        only_cross_attention=False, out_channels=4, upcast_attention=True,
+        use_linear_projection=True),
+    "list_forms": dict(
+        _TINY, layers_per_block=[1, 1], cross_attention_dim=[32, 32],
+        only_cross_attention=[False, False], transformer_layers_per_block=[1, 1],
+        attention_head_dim=[4, 8]),
+    # null where diffusers tests a flag's truth: false, even for flip_sin_to_cos
+    # (default true), which changes the timestep embedding.
+    "null_flags": dict(
+        _TINY, flip_sin_to_cos=None, use_linear_projection=None, upcast_attention=None,
+        center_input_sample=None, dual_cross_attention=None, attention_type=None,
+        class_embeddings_concat=None, resnet_skip_time_act=None, dropout=0.1),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_VINTAGES))
+def test_configs_of_every_diffusers_vintage(name):
+  """memjax reads the config as written and computes what diffusers builds from it."""
+  pair = _Pair(_VINTAGES[name], seed=3, raw=True)
+  x, ctx = pair.inputs(batch=2, side=16)
+  want = pair.reference(x, torch.tensor([981, 20]), ctx)
+  err = _rel_err(pair.apply(pair.params, x, jnp.asarray([981, 20]), ctx), want)
+  print(f"{name}: max|diff|/max|ref| = {err:.2e}")
+  assert err <= 1e-5
+  if name == "null_flags":
+    assert not pair.config.flip_sin_to_cos and not pair.config.use_linear_projection
+
+
+@pytest.mark.parametrize("key", ["mid_block_type", "resnet_time_scale_shift",
+                                 "time_embedding_type", "conv_in_kernel", "act_fn",
+                                 "only_cross_attention", "norm_eps", "attention_head_dim"])
+def test_null_that_diffusers_cannot_build_is_refused_by_name(key):
+  with pytest.raises(ConfigError, match=rf"^unet/config\.json: {key}"):
+    UNetConfig.from_dict(dict(SD1_TINY, **{key: None}), _SOURCE)
 
 
 def test_heads_follow_diffusers_naming_quirk(sd1, sd2):

@@ -42,6 +42,15 @@ _CONFIGS = {
     # The optional parts switched off.
     "bare": _config(use_quant_conv=False, use_post_quant_conv=False,
                     mid_block_add_attention=False, shift_factor=None),
+    # null where diffusers tests a flag's truth builds what false builds.
+    "null_flags": _config(use_quant_conv=None, use_post_quant_conv=None,
+                          mid_block_add_attention=None, latents_mean=None,
+                          latents_std=None, shift_factor=None, force_upcast=None),
+    # vae/config.json of SD1.5 as first published (diffusers 0.6.0): no
+    # norm_num_groups, scaling_factor or force_upcast keys (their defaults apply).
+    "sd15_diffusers_0.6": {
+        k: v for k, v in _config(groups=32, _diffusers_version="0.6.0").items()
+        if k not in ("norm_num_groups", "scaling_factor", "force_upcast")},
 }
 
 

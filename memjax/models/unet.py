@@ -72,6 +72,14 @@ _IGNORED = frozenset({
     "architectures", "transformers_version", "torch_dtype"})
 # Keys a list of identical values may spell: only these per-block values work.
 _PER_BLOCK_FIXED = {"only_cross_attention": False, "transformer_layers_per_block": 1}
+# Keys of _FIXED that diffusers builds the same with null (it tests their truth, or
+# treats null as the default). Measured with diffusers 0.42 (docs/models.md); null
+# elsewhere in _FIXED builds another model (mid_block_type) or fails in diffusers.
+_NULL_IS_DEFAULT = frozenset({"dual_cross_attention", "class_embeddings_concat",
+                              "attention_type"})
+# Keys diffusers takes per block or as one value; a list of one repeated value is
+# the same model as that value.
+_ONE_OR_PER_BLOCK = ("layers_per_block", "cross_attention_dim")
 
 IntOrTuple = Union[int, Tuple[int, ...]]
 # The latent side when unet/config.json has no sample_size (SD1's 512 px / 8).
@@ -196,7 +204,11 @@ class UNetConfig:
       return float(v)  # a JSON integer too (1e30 written as digits overflows jnp ints)
 
     def flag(key, default):
+      """A true/false key; null is false, as diffusers reads it (it tests the truth
+      of the value: null flip_sin_to_cos is false there, not its default true)."""
       v = d.get(key, default)
+      if v is None:
+        return False
       if not isinstance(v, bool):
         raise fail(key, f"must be true or false, got {v!r}")
       return v
@@ -212,6 +224,8 @@ class UNetConfig:
       raise unsupported("_class_name", class_name,
                         " (memjax builds only UNet2DConditionModel)")
     for key, allowed in _FIXED.items():
+      if key in d and d[key] is None and key in _NULL_IS_DEFAULT:
+        continue
       if key in d and not any(d[key] == a and type(d[key]) is type(a) for a in allowed):
         raise unsupported(key, d[key], f" (memjax supports only {allowed[0]!r})")
 
@@ -249,13 +263,18 @@ class UNetConfig:
         out.append(name)
       types[key] = tuple(out)
 
-    layers = d.get("layers_per_block", cls.layers_per_block)
-    if not is_int(layers) or layers < 1:
-      raise unsupported("layers_per_block", layers, " (memjax supports one integer >= 1)")
-    cross = d.get("cross_attention_dim", cls.cross_attention_dim)
-    if not is_int(cross) or cross < 1:
-      raise unsupported("cross_attention_dim", cross,
-                        " (memjax supports one integer >= 1)")
+    def one_value(key, default):
+      """An integer >= 1, also spelled as a list of it once per block."""
+      v = d.get(key, default)
+      if (isinstance(v, (list, tuple)) and len(v) == n and v and
+          all(x == v[0] and type(x) is type(v[0]) for x in v)):
+        v = v[0]
+      if not is_int(v) or v < 1:
+        raise unsupported(key, d.get(key, default),
+                          " (memjax supports one integer >= 1, or a list of it per block)")
+      return v
+
+    layers, cross = (one_value(k, getattr(cls, k)) for k in _ONE_OR_PER_BLOCK)
 
     def per_block(key, default, allow_none):
       v = d.get(key, default)

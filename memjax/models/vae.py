@@ -102,7 +102,11 @@ class VAEConfig:
       return v
 
     def flag(key, default):
+      """A true/false key; null is false, as diffusers reads it (it tests the truth
+      of the value: null use_quant_conv builds no quant_conv there)."""
       v = d.get(key, default)
+      if v is None:
+        return False
       if not isinstance(v, bool):
         raise fail(key, f"must be true or false, got {v!r}")
       return v
