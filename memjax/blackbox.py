@@ -15,7 +15,8 @@ from memjax.cli.options import Opt
 from memjax.stages import blackbox
 
 OPTIONS = options.common(
-    "workdir", "model", "prompts", "prompt_column", "csv_delimiter", "batch_size", "seeds",
+    "workdir", "model", *options.MODEL_FILE, "prompts",
+    "prompt_column", "csv_delimiter", "batch_size", "seeds",
     "guidance_scale", "dtype", "attention", "noise", "max_prompts", "top_k", "shard_size",
     "overwrite", "log_interval_s", "devices") + [
         Opt("images", "External images instead of --model/--prompts: a folder with one "

@@ -1,5 +1,6 @@
 """python -m memjax.crosscheck: memjax's scores against PyTorch diffusers' on the same
-folder and noise.
+model and noise (a single-file model needs --model_config: diffusers reads it with
+`from_single_file(config=...)`).
 
     python -m memjax.crosscheck --model=DIR --prompts=FILE --workdir=DIR [--n=64] \\
       [--dtype=float32|bfloat16] [--seeds=0] [--noise=FILE.npy] [--blackbox]
@@ -13,7 +14,7 @@ from memjax.cli import options
 from memjax.cli.options import Opt
 from memjax.stages import crosscheck
 
-OPTIONS = options.common("model", "prompts", "workdir") + [
+OPTIONS = options.common("model", *options.MODEL_FILE, "prompts", "workdir") + [
     Opt("n", "Number of captions to cross-check."),
 ] + options.common("prompt_column", "csv_delimiter", "seeds", "guidance_scale", "dtype",
                    "attention", "noise", "batch_size") + [

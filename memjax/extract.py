@@ -7,7 +7,8 @@ stage's own run() in one process (`memjax.stages.extract`). Every option of ever
 stage is a flag here: `--<stage>_<option>` (e.g. --scan_seeds, --blackbox_top_k,
 --generate_steps, --index_embedder, --verify_k, --report_top_k), except the
 options every stage shares (--prompt_column, --csv_delimiter, --dtype,
---attention, --guidance_scale, --log_interval_s, --devices), which reach every
+--attention, --guidance_scale, --log_interval_s, --devices, and how --model is read:
+--variant, --model_config, --prediction_type, --image_size), which reach every
 stage that has them, and the wiring extract does itself (which stage reads which).
 """
 import json
@@ -32,7 +33,7 @@ COMMANDS = {"scan": scan_cmd, "blackbox": blackbox_cmd, "generate": generate_cmd
             "index": index_cmd, "verify": verify_cmd, "metrics": metrics_cmd,
             "report": report_cmd}
 SHARED = ("prompt_column", "csv_delimiter", "dtype", "attention", "guidance_scale",
-          "log_interval_s", "devices")
+          "log_interval_s", "devices") + options.MODEL_FILE
 OPTIONS = options.common("model", "prompts", "workdir") + [
     Opt("training_set", "Training-image table (url and/or image_path) to label against."),
     Opt("index", "An existing index (a memjax.index workdir) instead of --training_set."),

@@ -16,7 +16,8 @@ from memjax.method import sampling
 from memjax.stages import generate
 
 OPTIONS = options.common(
-    "model", "prompts", "workdir", "prompt_column", "csv_delimiter", "batch_size", "seeds",
+    "model", *options.MODEL_FILE, "prompts", "workdir",
+    "prompt_column", "csv_delimiter", "batch_size", "seeds",
     "guidance_scale", "dtype", "attention", "noise", "max_prompts", "top_k", "shard_size",
     "overwrite", "log_interval_s", "devices") + [
         Opt("sampler", "Multi-step sampler: k-diffusion Heun (the reference) or DDIM.",

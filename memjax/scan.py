@@ -14,7 +14,8 @@ from memjax.cli import options
 from memjax.stages import scan
 
 OPTIONS = options.common(
-    "model", "prompts", "workdir", "prompt_column", "csv_delimiter", "batch_size", "seeds",
+    "model", *options.MODEL_FILE, "prompts", "workdir",
+    "prompt_column", "csv_delimiter", "batch_size", "seeds",
     "guidance_scale", "dtype", "attention", "noise", "max_prompts", "top_k", "shard_size",
     "overwrite", "log_interval_s", "devices")
 define, build = command.simple(scan.ScanConfig, OPTIONS)

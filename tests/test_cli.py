@@ -38,12 +38,17 @@ def test_scoring_path_imports_no_torch():
 
 
 def test_help_lists_the_commands_own_flags():
+  model_file = ("--variant", "--model_config", "--prediction_type", "--image_size")
   for m, own in (("scan", ("--model", "--prompts", "--workdir", "--batch_size", "--dtype",
-                           "--seeds", "--noise", "--attention", "--distributed")),
-                 ("blackbox", ("--images", "--save_images", "--shard_size", "--top_k")),
+                           "--seeds", "--noise", "--attention", "--distributed") + model_file),
+                 ("generate", ("--model", "--steps") + model_file),
+                 ("crosscheck", ("--model", "--n") + model_file),
+                 ("blackbox", ("--images", "--save_images", "--shard_size", "--top_k")
+                  + model_file),
                  ("metrics", ("--scores", "--labels", "--k_list")),
                  ("extract", ("--scan_seeds", "--blackbox_top_k", "--generate_steps",
-                              "--index_embedder", "--verify_k", "--report_top_k", "--dtype"))):
+                              "--index_embedder", "--verify_k", "--report_top_k", "--dtype")
+                  + model_file)):
     r = subprocess.run([sys.executable, "-m", f"memjax.{m}", "--help"], capture_output=True,
                        text=True, cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO))
     # absl exits 1 after printing help; what matters is the help, not a traceback.

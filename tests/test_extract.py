@@ -92,7 +92,9 @@ def _value(stage, field, kind, default, d):
       "max_images": 1030, "chunk_rows": 500, "max_train": 700, "k": 3,
       "tv_threshold": 2400.0, "mv_threshold": 2600.0, "rv_threshold": 2900.0,
       "template_sse_low": 90.0, "template_sse_high": 1100.0, "template_pixel_tol": 0.04,
-      "positive": ["MV", "RV"], "k_list": [2, 4], "score_columns": ["scores", "wen"]}
+      "positive": ["MV", "RV"], "k_list": [2, 4], "score_columns": ["scores", "wen"],
+      "variant": "fp16", "model_config": d["model_config"], "prediction_type": "v_prediction",
+      "image_size": 64}
   value = special.get((stage, field), special.get(field))
   assert value is not None and value != default, (stage, field, kind, default)
   return value
@@ -116,7 +118,7 @@ def test_every_flag_reaches_its_stage_manifest(micro_extract, tmp_path):
   for sub in ("img_emb", "metadata"):
     shutil.copytree(os.path.join(index_dir, sub), os.path.join(emb, sub))
   d = {"noise": str(tmp_path / "noise.npy"), "embeddings": emb,
-       "checkpoint": str(tmp_path / "fake.ckpt")}
+       "checkpoint": str(tmp_path / "fake.ckpt"), "model_config": str(tmp_path / "config")}
   argv, expected = [], []
   for name, targets in extract_cmd.flag_table().items():
     stage, opt = targets[0]
@@ -132,14 +134,16 @@ def test_every_flag_reaches_its_stage_manifest(micro_extract, tmp_path):
   configs = extract.stage_configs(cfg)
   for name, stage, field, value in expected:
     assert getattr(configs[stage], field) == value, (name, stage, field)
-  # A real run: a checkpoint for the random encoder is refused, so those two are
-  # checked in the configs above only.
+  # A real run: a checkpoint for the random encoder is refused, and the settings of
+  # a single-file model or an fp16 variant do not apply to the bundled folder, so
+  # those are checked in the configs above only.
+  config_only = ("embedder_checkpoint",) + extract_cmd.options.MODEL_FILE
   run_cfg = dataclasses.replace(cfg, options={
-      s: {f: v for f, v in o.items() if f != "embedder_checkpoint"}
+      s: {f: v for f, v in o.items() if f not in config_only}
       for s, o in cfg.options.items()})
   extract.run(run_cfg)
   for name, stage, field, value in expected:
-    if field == "embedder_checkpoint":
+    if field in config_only:
       continue
     manifest = workdir_lib.read_manifest(w, stage)
     assert manifest.config[field] == json.loads(json.dumps(value)), (name, stage, field)

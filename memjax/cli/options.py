@@ -35,7 +35,17 @@ class Opt:
 
 # Options several stages share, with one help text each.
 COMMON = {o.field: o for o in (
-    Opt("model", "Stable Diffusion folder (diffusers layout)."),
+    Opt("model", "Stable Diffusion model: a diffusers folder (any vintage), or a single-file "
+        "checkpoint in the original layout (.safetensors; .ckpt needs torch)."),
+    Opt("variant", "Weight variant of a diffusers folder (fp16: *.fp16.safetensors, as "
+        "diffusers' variant=); for a single file only ema (its EMA weights)."),
+    Opt("model_config", "A diffusers folder whose configs, tokenizer and scheduler describe "
+        "a single-file --model (default: read off the weights, Stable Diffusion's choices)."),
+    Opt("prediction_type", "What a single-file --model predicts (required for SD2: "
+        "v_prediction for the 768 px models, epsilon for the 512 px base).",
+        choices=("epsilon", "v_prediction")),
+    Opt("image_size", "Training image side of a single-file --model (default 512; SD2 "
+        "v_prediction 768)."),
     Opt("prompts", "Caption table (.parquet, .jsonl, .csv, .tsv, .txt), or a workdir whose "
         "earlier stage's best rows to take."),
     Opt("workdir", "Output folder (the unit of work: WORKDIR/<stage>/, resumable)."),
@@ -55,6 +65,10 @@ COMMON = {o.field: o for o in (
     Opt("log_interval_s", "Seconds between progress lines."),
     Opt("devices", "Local devices to use (default: all)."),
 )}
+
+
+# How every model command reads --model beyond its path (`stages.common.ModelFileSettings`).
+MODEL_FILE = ("variant", "model_config", "prediction_type", "image_size")
 
 
 def common(*fields: str) -> List[Opt]:

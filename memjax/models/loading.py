@@ -1,4 +1,6 @@
-"""Loading a Stable Diffusion folder in the diffusers layout into memjax.
+"""Loading a Stable Diffusion model into memjax: a diffusers folder, or a single
+file in the original latent-diffusion layout (`model_files` says where each part
+comes from). The diffusers layout:
 
     model_index.json
     unet/config.json          unet/diffusion_pytorch_model.safetensors (or .bin)
@@ -12,8 +14,6 @@ the module's abstract params (`jax.eval_shape`; nothing is initialised), then ca
 to the requested dtype. The caller places them on devices (replicated over a mesh).
 """
 import dataclasses
-import json
-import os
 import time
 from typing import Dict, Optional, Sequence
 
@@ -25,9 +25,9 @@ import numpy as np
 
 from memjax.runtime.errors import ConfigError
 from memjax.models import attention as attention_lib
-from memjax.models import checkpoint
 from memjax.models import clip_text
 from memjax.models import convert
+from memjax.models import model_files
 from memjax.models import unet as unet_lib
 from memjax.models import vae as vae_lib
 from memjax.method.schedule import Schedule
@@ -51,13 +51,13 @@ class StableDiffusion:
   configs: Dict[str, dict]
   dtype: str
   attention: Optional[str] = None
+  sources: Dict[str, str] = dataclasses.field(default_factory=dict)  # where each config is
 
   def _config(self, name: str):
-    """(component config dict, its path); ConfigError if the folder has none."""
-    path = os.path.join(self.model_dir, name, "config.json")
+    """(component config dict, where it came from); ConfigError if the model has none."""
     if name not in self.configs:
-      raise ConfigError(f"{path}: missing (the model folder needs {name}/config.json)")
-    return self.configs[name], path
+      raise ConfigError(f"{self.model_dir}: has no {name} (no {name}/config.json)")
+    return self.configs[name], self.sources[name]
 
   @property
   def latent_shape_chw(self):
@@ -80,25 +80,6 @@ class StableDiffusion:
   def unet_out(self, unet_params, x, t, context):
     """The UNet's raw output (eps or v) at timesteps t for latents x [B, h, w, c]."""
     return self.unet.apply({"params": unet_params}, x, t, context)
-
-
-def _read_json(path: str) -> dict:
-  """A JSON object (a config file); ConfigError naming the file otherwise."""
-  if not os.path.exists(path):
-    raise ConfigError(f"{path}: missing")
-  try:
-    with open(path, encoding="utf-8") as f:
-      value = json.load(f)
-  except (OSError, ValueError) as e:  # UnicodeDecodeError is a ValueError
-    raise ConfigError(f"{path}: not valid JSON: {e}") from None
-  if not isinstance(value, dict):
-    raise ConfigError(f"{path}: must be a JSON object of config keys, got a JSON "
-                      f"{_JSON_TYPES.get(type(value), type(value).__name__)}")
-  return value
-
-
-_JSON_TYPES = {list: "list", str: "string", int: "number", float: "number", bool: "boolean",
-               type(None): "null"}
 
 
 def dummy_inputs(name: str, cfg):
@@ -145,24 +126,25 @@ def abstract_params(name: str, module, cfg: dict):
 
 
 def read_scheduler_config(model_dir: str) -> dict:
-  """scheduler/scheduler_config.json of a model folder (the one reader of it)."""
-  path = os.path.join(model_dir, "scheduler", "scheduler_config.json")
-  if not os.path.exists(path):
-    raise ConfigError(f"{path}: missing (the model folder needs scheduler/scheduler_config.json)")
-  return _read_json(path)
+  """scheduler/scheduler_config.json of a model folder."""
+  return model_files.FolderFiles(model_dir).scheduler_config()[0]
 
 
-def load_stable_diffusion(model_dir: str, dtype: str = "float32",
+def load_stable_diffusion(model: str, dtype: str = "float32",
                           components: Sequence[str] = COMPONENTS,
-                          attention: Optional[str] = None) -> StableDiffusion:
-  """Reads a diffusers-layout folder; returns memjax modules, params and tokenizer.
+                          attention: Optional[str] = None,
+                          options: model_files.ModelOptions = model_files.ModelOptions()
+                          ) -> StableDiffusion:
+  """Reads a model; returns memjax modules, params and tokenizer.
 
   Args:
-    model_dir: the folder holding model_index.json.
+    model: a diffusers folder (holding model_index.json), or a single-file
+      checkpoint in the original latent-diffusion layout (`model_files`).
     dtype: "float32" or "bfloat16", for params and activations. The schedule
       stays float64/float32 whatever this is.
     components: which of unet, vae, text_encoder to load (the scan needs no VAE).
     attention: the attention kernel of every module (None: memjax's choice).
+    options: variant, and what a single file cannot tell (`model_files.ModelOptions`).
 
   Raises:
     ConfigError / CheckpointError: naming the file and key of the first problem
@@ -170,40 +152,35 @@ def load_stable_diffusion(model_dir: str, dtype: str = "float32",
   """
   if dtype not in _NP_DTYPES:
     raise ConfigError(f"dtype {dtype!r} is not supported (float32 or bfloat16)")
-  if not os.path.isdir(model_dir):
-    raise ConfigError(f"{model_dir}: model folder does not exist")
-  _read_json(os.path.join(model_dir, "model_index.json"))
+  files = model_files.open_model_files(model, options)
   compute_dtype = jnp.float32 if dtype == "float32" else jnp.bfloat16
-  modules, params, configs = {}, {}, {}
+  modules, params, configs, sources = {}, {}, {}, {}
   for name in COMPONENTS:
-    path = os.path.join(model_dir, name, "config.json")
     if name not in components:
-      if os.path.exists(path):
-        configs[name] = _read_json(path)
+      if files.has(name):  # read and checked; the UNet's latent shape, the VAE's scale
+        configs[name], sources[name] = files.config(name)
       continue
-    if not os.path.isdir(os.path.join(model_dir, name)):
-      raise ConfigError(f"{os.path.join(model_dir, name)}: missing component folder '{name}'")
     start = time.perf_counter()
-    cfg = configs[name] = _read_json(path)
+    cfg, path = files.config(name)
+    configs[name], sources[name] = cfg, path
     module = modules[name] = build_module(name, cfg, path, compute_dtype, attention)
-    state, source = checkpoint.load_component_weights(os.path.join(model_dir, name))
+    state, source = files.weights(name)
     if name == "text_encoder":  # transformers >= 5 saves without the text_model. prefix
       source = {k if k.startswith("text_model.") else "text_model." + k: v
                 for k, v in source.items()}
       state = clip_text.with_text_model_prefix(state)
     target = abstract_params(name, module, cfg)
-    first_file = next(iter(source.values()), os.path.join(model_dir, name))
+    first_file = next(iter(source.values()), model)
     flat = convert.torch_to_flax(state, target, source=lambda k: source.get(k, first_file))
     params[name] = jax.tree.map(lambda a: np.asarray(a, _NP_DTYPES[dtype]), flat)
-    logging.info("loaded %s from %s in %.2f s", name, model_dir, time.perf_counter() - start)
-  tok_dir = os.path.join(model_dir, "tokenizer")
-  if not os.path.isdir(tok_dir):
-    raise ConfigError(f"{tok_dir}: missing component folder 'tokenizer'")
-  scheduler_config = read_scheduler_config(model_dir)
-  schedule = Schedule.from_config(
-      scheduler_config, os.path.join(model_dir, "scheduler", "scheduler_config.json"))
+    logging.info("loaded %s from %s in %.2f s", name, model, time.perf_counter() - start)
+  tokenizer = files.tokenizer()
+  scheduler_config, scheduler_source = files.scheduler_config()
+  schedule = Schedule.from_config(scheduler_config, scheduler_source)
+  if isinstance(files, model_files.SingleFile):
+    files.check_schedule(schedule.alphas_cumprod, scheduler_source)
   return StableDiffusion(
-      model_dir=model_dir, unet=modules.get("unet"), vae=modules.get("vae"),
-      text_encoder=modules.get("text_encoder"), tokenizer=CLIPTokenizer.from_folder(tok_dir),
+      model_dir=model, unet=modules.get("unet"), vae=modules.get("vae"),
+      text_encoder=modules.get("text_encoder"), tokenizer=tokenizer,
       schedule=schedule, scheduler_config=scheduler_config, params=params, configs=configs,
-      dtype=dtype, attention=attention)
+      dtype=dtype, attention=attention, sources=sources)

@@ -60,8 +60,11 @@ def path_identity(path: str) -> str:
 
 
 def model_identity(model_dir: str) -> str:
-  """The content identity of a model folder: every config, scheduler, tokenizer and
-  weight file (weights of GBs by their sampled identity)."""
+  """The content identity of a model: every config, scheduler, tokenizer and weight
+  file of a folder, or the one file of a single-file checkpoint (weights of GBs by
+  their sampled identity)."""
+  if os.path.isfile(model_dir):
+    return content_identity(model_dir)
   if not os.path.isdir(model_dir):
     raise InputError(f"model folder {model_dir} does not exist.")
   files = []

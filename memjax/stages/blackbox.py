@@ -156,13 +156,13 @@ def run(cfg: BlackboxConfig) -> Optional[workdir_lib.Manifest]:
     source = sources.open_rows(cfg.prompts, cfg.prompt_column, cfg.csv_delimiter,
                                top_k=cfg.top_k, max_prompts=cfg.max_prompts,
                                stages=(("scan", "scores"),), reserved=OWN_COLUMNS)
-    sd = common.load_model(cfg.model, cfg.dtype, cfg.attention)
+    sd = common.load_model(cfg)
     noise, noise_digest, seeds = noise_lib.start_noise(cfg.noise, cfg.seeds,
                                                        sd.latent_shape_chw)
     if len(noise) < 2:
       raise InputError(f"--noise={cfg.noise}: the edge score needs at least 2 noise arrays")
     identity = dict(common_id, mode="generated",
-                    **common.model_identity(cfg.model, cfg.dtype, cfg.attention),
+                    **common.model_identity(cfg),
                     noise=noise_digest, guidance_scale=cfg.guidance_scale,
                     timestep=sd.schedule.last_timestep, **source.identity)
     n_rows = source.num_rows

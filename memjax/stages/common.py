@@ -14,13 +14,38 @@ from memjax.data.tables import PromptChunk
 from memjax.method import whitebox
 from memjax.models import attention as attention_lib
 from memjax.models import loading
+from memjax.models import model_files
 from memjax.runtime import checks
 from memjax.runtime import fingerprint
 from memjax.runtime.errors import InputError
 
 
 @dataclasses.dataclass(kw_only=True)
-class ModelStageSettings:
+class ModelFileSettings:
+  """How every model stage reads --model beyond its path (`model_files.ModelOptions`)."""
+  variant: Optional[str] = None
+  model_config: Optional[str] = None
+  prediction_type: Optional[str] = None
+  image_size: Optional[int] = None
+
+  def __post_init__(self):
+    checks.at_least(self, 1, "image_size")
+    checks.one_of(self, "prediction_type", (None,) + model_files.PREDICTION_TYPES)
+
+  @property
+  def model_options(self) -> model_files.ModelOptions:
+    return model_files.ModelOptions(variant=self.variant, model_config=self.model_config,
+                                    prediction_type=self.prediction_type,
+                                    image_size=self.image_size)
+
+
+def model_file_fields(cfg) -> Dict:
+  """cfg's ModelFileSettings fields, to pass on to another stage's config."""
+  return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(ModelFileSettings)}
+
+
+@dataclasses.dataclass(kw_only=True)
+class ModelStageSettings(ModelFileSettings):
   """The settings scan, blackbox and generate share, with one default each (keyword
   only, after each stage's own fields)."""
   prompt_column: str = "caption"
@@ -36,6 +61,7 @@ class ModelStageSettings:
   devices: Optional[int] = None
 
   def __post_init__(self):
+    super().__post_init__()
     checks.at_least(self, 1, "top_k", "max_prompts", "devices", "batch_size", "shard_size")
     checks.at_least(self, 0, "log_interval_s")
     checks.finite(self, "guidance_scale", "log_interval_s")
@@ -51,15 +77,25 @@ def batch_for(cfg, n_rows: int) -> int:
   return max(1, min(cfg.batch_size, n_rows))
 
 
-def load_model(model: str, dtype: str, attention: Optional[str],
-               components: Sequence[str] = loading.COMPONENTS) -> loading.StableDiffusion:
-  return loading.load_stable_diffusion(model, dtype, components, attention)
+def load_model(cfg, components: Sequence[str] = loading.COMPONENTS) -> loading.StableDiffusion:
+  """The model of a stage config (its model, dtype, attention and model file settings)."""
+  return loading.load_stable_diffusion(cfg.model, cfg.dtype, components, cfg.attention,
+                                       cfg.model_options)
 
 
-def model_identity(model: str, dtype: str, attention: Optional[str]) -> Dict:
-  """What of the model a run config records."""
-  return {"model": os.path.abspath(model), "model_identity": fingerprint.model_identity(model),
-          "dtype": dtype, "attention": attention}
+def model_identity(cfg) -> Dict:
+  """What of the model a run config records: its files' content (and those of
+  --model_config) and every setting that changes how it is read."""
+  options = cfg.model_options
+  out = {"model": os.path.abspath(cfg.model),
+         "model_identity": fingerprint.model_identity(cfg.model),
+         "dtype": cfg.dtype, "attention": cfg.attention}
+  if options.model_config:
+    out.update(model_config=os.path.abspath(options.model_config),
+               model_config_content=fingerprint.model_identity(options.model_config))
+  out.update({k: v for k, v in dataclasses.asdict(options).items()
+              if v is not None and k != "model_config"})
+  return out
 
 
 @dataclasses.dataclass

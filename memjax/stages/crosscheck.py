@@ -43,7 +43,7 @@ TOP_K = 10
 
 
 @dataclasses.dataclass
-class CrossCheckConfig:
+class CrossCheckConfig(common.ModelFileSettings):
   """The cross-check's settings (each one a flag of `python -m memjax.crosscheck`)."""
   model: str
   prompts: str
@@ -60,6 +60,7 @@ class CrossCheckConfig:
   blackbox: bool = False  # also compare the one-step images and edge scores
 
   def __post_init__(self):
+    super().__post_init__()
     checks.at_least(self, 1, "n", "batch_size")
     checks.finite(self, "guidance_scale")
     checks.seeds(self)
@@ -111,7 +112,8 @@ def run(cfg: CrossCheckConfig) -> workdir_lib.Manifest:
   captions = _first_captions(cfg)
   prompts_path = os.path.join(folder, "prompts.parquet")
   workdir_lib.write_parquet(prompts_path, pa.table({"caption": captions}))
-  shape = loading.load_stable_diffusion(cfg.model, components=()).latent_shape_chw
+  shape = loading.load_stable_diffusion(cfg.model, components=(),
+                                        options=cfg.model_options).latent_shape_chw
   z, _, _ = noise_lib.start_noise(cfg.noise, cfg.seeds, shape)
   noise_path = os.path.join(folder, "noise.npy")
   workdir_lib.write_atomic(noise_path, lambda f: np.save(f, z.transpose(0, 3, 1, 2)))
@@ -119,10 +121,11 @@ def run(cfg: CrossCheckConfig) -> workdir_lib.Manifest:
   manifest = scan.run(scan.ScanConfig(
       model=cfg.model, prompts=prompts_path, workdir=ours_dir, batch_size=cfg.batch_size,
       guidance_scale=cfg.guidance_scale, dtype=cfg.dtype, attention=cfg.attention,
-      noise=noise_path, top_k=TOP_K, overwrite=True, log_interval_s=3600))
+      noise=noise_path, top_k=TOP_K, overwrite=True, log_interval_s=3600,
+      **common.model_file_fields(cfg)))
   ours = shards.open_shards(workdir_lib.stage_dir(ours_dir, "scan")).to_table()
   mine = np.array(ours.sort_by("prompt_id")["scores"].to_pylist(), np.float64)
-  ref = TorchWhitebox(cfg.model, cfg.dtype)
+  ref = TorchWhitebox(cfg.model, cfg.dtype, options=cfg.model_options)
   theirs = np.concatenate([
       ref.score(captions[i:i + cfg.batch_size], z.transpose(0, 3, 1, 2),
                 cfg.guidance_scale)["dcs"].mean(axis=1)
@@ -149,7 +152,7 @@ def _blackbox(cfg: CrossCheckConfig, captions, ref) -> Dict:
 
   Seeds: cfg.seeds when there are at least 2, else 0..3 (the blackbox default).
   """
-  sd = common.load_model(cfg.model, cfg.dtype, cfg.attention)
+  sd = common.load_model(cfg)
   seeds = list(cfg.seeds) if len(cfg.seeds) >= 2 else list(blackbox.DEFAULT_SEEDS)
   z = noise_lib.noise_for_seeds(seeds, sd.latent_shape_chw)
   step = blackbox.make_step(sd, z, cfg.guidance_scale, cfg.batch_size,

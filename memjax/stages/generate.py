@@ -152,12 +152,12 @@ def run(cfg: GenerateConfig) -> Optional[workdir_lib.Manifest]:
                              top_k=cfg.top_k, max_prompts=cfg.max_prompts,
                              stages=(("blackbox", "edge_scores"), ("scan", "scores")),
                              reserved=OWN_COLUMNS)
-  sd = common.load_model(cfg.model, cfg.dtype, cfg.attention)
+  sd = common.load_model(cfg)
   plan_kw = {"interpolation": cfg.sigma_interpolation} if cfg.sampler == "heun" else {}
   plan = sampling.make_plan(cfg.sampler, sd.schedule, sd.scheduler_config, cfg.steps, **plan_kw)
   load_s = time.perf_counter() - t0
   noise, noise_digest, seeds = noise_lib.start_noise(cfg.noise, cfg.seeds, sd.latent_shape_chw)
-  identity = dict(source.identity, **common.model_identity(cfg.model, cfg.dtype, cfg.attention),
+  identity = dict(source.identity, **common.model_identity(cfg),
                   sampler=cfg.sampler, steps=cfg.steps, plan=plan.info, seeds=seeds,
                   noise=noise_digest, guidance_scale=cfg.guidance_scale,
                   shard_size=cfg.shard_size)

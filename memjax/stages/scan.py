@@ -83,10 +83,10 @@ def run(cfg: ScanConfig) -> Optional[workdir_lib.Manifest]:
   t0 = time.perf_counter()
   source = sources.open_rows(cfg.prompts, cfg.prompt_column, cfg.csv_delimiter,
                              max_prompts=cfg.max_prompts, reserved=SCORE_COLUMNS)
-  sd = common.load_model(cfg.model, cfg.dtype, cfg.attention, ("unet", "text_encoder"))
+  sd = common.load_model(cfg, ("unet", "text_encoder"))
   load_s = time.perf_counter() - t0
   noise, noise_digest, _ = noise_lib.start_noise(cfg.noise, cfg.seeds, sd.latent_shape_chw)
-  identity = dict(common.model_identity(cfg.model, cfg.dtype, cfg.attention), **source.identity,
+  identity = dict(common.model_identity(cfg), **source.identity,
                   seeds=list(cfg.seeds), guidance_scale=cfg.guidance_scale, noise=noise_digest,
                   shard_size=cfg.shard_size, timestep=sd.schedule.last_timestep)
   stage = engine.StageRun(cfg.workdir, STAGE, identity, cfg.overwrite, started=t0)

@@ -14,6 +14,10 @@ Styles:
 - "micro": the smallest valid model (8 x 8 latents; I/O and memory benchmarks).
 - "medium": SD1-like, about 17M UNet params at 32 x 32 latents (benchmarks).
 - "sd15": the full SD1.5 architecture (859M UNet params; slow tests, benchmarks).
+- "sd1_file", "sd2_file": like "sd1" / "sd2", but follow Stable Diffusion's rules
+  for what a single file cannot tell (32 norm groups, 8 heads SD1 / 64 channels
+  per head SD2, text heads of 64 channels), so the single-file loader can infer
+  them (`memjax.testing.ldm_file` writes them as LDM files).
 """
 import copy
 import os
@@ -33,6 +37,8 @@ _SD1_SCHEDULER = {
     "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "set_alpha_to_one": False,
     "skip_prk_steps": True, "steps_offset": 1, "clip_sample": False,
     "prediction_type": "epsilon", "trained_betas": None}
+# SD2's styles: a v-prediction DDIM scheduler, and a tokenizer padding with "!".
+_SD2_STYLES = ("sd2", "sd2_file")
 
 
 def _unet(blocks, heads, cross_dim, sample_size, groups, linear=False, upcast=False,
@@ -82,7 +88,6 @@ def tiny_configs(style: str = "sd1", vocab_size: int = 49408) -> Dict[str, dict]
   elif style == "sd2":
     unet = _unet((32, 64, 64), [2, 4, 4], 64, 16, 8, linear=True, upcast=True)
     vae, text = _vae((32, 64), 8, 32), _text(vocab_size, 64, 3, 4, "gelu")
-    scheduler.update({"_class_name": "DDIMScheduler", "prediction_type": "v_prediction"})
   elif style == "micro":  # the smallest valid model: I/O and memory benchmarks
     unet = _unet((32,), 4, 32, 8, 8, attn_blocks=[True])
     vae, text = _vae((32,), 8, 8), _text(vocab_size, 32, 1, 2, "quick_gelu")
@@ -94,8 +99,17 @@ def tiny_configs(style: str = "sd1", vocab_size: int = 49408) -> Dict[str, dict]
                  attn_blocks=[True, True, True, False])
     vae, text = _vae((128, 256, 512, 512), 32, 512), _text(vocab_size, 768, 12, 12, "quick_gelu")
     vae["layers_per_block"] = 2
+  elif style in ("sd1_file", "sd2_file"):  # SD's rules: the shapes tell the rest
+    sd1 = style == "sd1_file"
+    unet = _unet((32, 64) if sd1 else (64, 128), 8 if sd1 else [1, 2], 64, 16, 32,
+                 linear=not sd1, attn_blocks=[True, False])
+    vae, text = _vae((32, 64), 32, 32), _text(vocab_size, 64, 2, 1,
+                                              "quick_gelu" if sd1 else "gelu")
   else:
-    raise ValueError(f"unknown style {style!r} (sd1, sd2, micro, medium, sd15)")
+    raise ValueError(f"unknown style {style!r} (sd1, sd2, micro, medium, sd15, sd1_file, "
+                     f"sd2_file)")
+  if style in _SD2_STYLES:
+    scheduler.update({"_class_name": "DDIMScheduler", "prediction_type": "v_prediction"})
   return {"unet": unet, "vae": vae, "text_encoder": text, "scheduler": scheduler}
 
 
@@ -131,7 +145,7 @@ def build_tiny_model(out_dir: str, style: str = "sd1", seed: int = 0,
     num_merges: BPE merges kept in the tokenizer (None = CLIP's full 49408 vocab);
       the text encoder's vocabulary matches it.
   """
-  pad = "!" if style == "sd2" else "<|endoftext|>"
+  pad = "!" if style in _SD2_STYLES else "<|endoftext|>"
   vocab = tokenizer_lib.write_tokenizer_folder(os.path.join(out_dir, "tokenizer"),
                                                num_merges=num_merges, pad_token=pad)
   configs = tiny_configs(style, vocab)

@@ -1,7 +1,8 @@
 """The whitebox score computed with PyTorch diffusers/transformers (the reference).
 
-Loads the UNet, text encoder and tokenizer of a diffusers folder with their own
-PyTorch classes and computes docs/method.md section 2 the reference's way: the CFG
+Loads a model through diffusers' own `StableDiffusionPipeline` (`from_pretrained`
+for a folder, with its variant; `from_single_file` for an original-layout file) and
+computes docs/method.md section 2 the reference's way: the CFG
 pair [uncond, cond] through the UNet for every prompt, x_in = sqrt(1 - abar[999]) z.
 Used by the parity tests, the benchmarks and the cross-check. This is the only
 module of the scoring path's neighbours that imports torch, and only when called.
@@ -14,20 +15,39 @@ import numpy as np
 class TorchWhitebox:
   """Batched PyTorch reference of the DCS on one model folder."""
 
-  def __init__(self, model_dir: str, dtype: str = "float32", threads: int = 0):
+  def __init__(self, model_dir: str, dtype: str = "float32", threads: int = 0,
+               options=None):
+    """model_dir: a diffusers folder, or a single file read by diffusers'
+    `from_single_file` with options.model_config as its config folder (the only way
+    diffusers reads one without downloading); options: `model_files.ModelOptions`."""
     import torch  # pylint: disable=g-import-not-at-top
-    from diffusers import UNet2DConditionModel, DDPMScheduler  # pylint: disable=g-import-not-at-top
-    from transformers import CLIPTextModel, CLIPTokenizer  # pylint: disable=g-import-not-at-top
+    from diffusers import StableDiffusionPipeline  # pylint: disable=g-import-not-at-top
+    from memjax.models import model_files  # pylint: disable=g-import-not-at-top
+    from memjax.runtime.errors import InputError  # pylint: disable=g-import-not-at-top
+    options = options or model_files.ModelOptions()
     if threads:
       torch.set_num_threads(threads)
     self.torch = torch
     self.model_dir = model_dir
-    self.vae = None  # loaded by `onestep_images` only
     self.dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
-    self.unet = UNet2DConditionModel.from_pretrained(f"{model_dir}/unet").to(self.dtype).eval()
-    self.text = CLIPTextModel.from_pretrained(f"{model_dir}/text_encoder").to(self.dtype).eval()
-    self.tokenizer = CLIPTokenizer.from_pretrained(f"{model_dir}/tokenizer")
-    sched = DDPMScheduler.from_pretrained(f"{model_dir}/scheduler")
+    if model_files.is_single_file(model_dir):
+      if not options.model_config:
+        raise InputError(f"{model_dir}: the PyTorch reference reads a single file only with "
+                         "--model_config (diffusers' from_single_file needs a config folder "
+                         "and memjax downloads nothing)")
+      pipe = StableDiffusionPipeline.from_single_file(
+          model_dir, config=options.model_config, local_files_only=True,
+          extract_ema=options.variant == "ema", safety_checker=None,
+          requires_safety_checker=False)
+    else:  # a variant where a component has one, else its plain weights
+      pipe = StableDiffusionPipeline.from_pretrained(
+          model_dir, variant=options.variant, safety_checker=None,
+          requires_safety_checker=False, local_files_only=True)
+    self.vae = pipe.vae.to(self.dtype).eval()
+    self.unet = pipe.unet.to(self.dtype).eval()
+    self.text = pipe.text_encoder.to(self.dtype).eval()
+    self.tokenizer = pipe.tokenizer
+    sched = pipe.scheduler
     self.prediction_type = sched.config.prediction_type
     abar = np.cumprod(1.0 - np.asarray(
         np.linspace(sched.config.beta_start ** 0.5, sched.config.beta_end ** 0.5,
@@ -92,9 +112,6 @@ class TorchWhitebox:
       [B, S, H_img, W_img, 3] float32 in [0, 1].
     """
     torch = self.torch
-    if self.vae is None:
-      from diffusers import AutoencoderKL  # pylint: disable=g-import-not-at-top
-      self.vae = AutoencoderKL.from_pretrained(f"{self.model_dir}/vae").to(self.dtype).eval()
     cond = self.embed(prompts)
     ctx = torch.cat([self.embed([""]).expand(len(prompts), -1, -1), cond])
     c_in = 1.0 / (self.sigma ** 2 + 1) ** 0.5
