@@ -1,8 +1,13 @@
-"""python -m memjax.metrics: precision@K, ROC AUC, TPR@1%FPR per memorization type.
+"""python -m memjax.metrics: precision@K, ROC AUC, TPR@1%FPR (both conventions) and
+TPR@0.1%FPR of every detector column, per memorization type.
 
     python -m memjax.metrics --scores=WORKDIR --labels=TABLE_OR_WORKDIR \\
       [--label_column=overfit_type] [--positive=MV,RV,TV] [--k_list=10,100,500] \\
-      [--score_columns=scores,wen,edge_scores] [--out=FILE.json | --workdir=DIR --name=NAME]
+      [--score_columns=EXTRA,...] [--out=FILE.json | --workdir=DIR --name=NAME]
+
+Every detector column present is scored (metrics.DEFAULT_SCORE_COLUMNS: scores,
+wen, wen981, jeon, asthana, asthana_norm, asthana_cos, ren_le, edge_scores);
+--score_columns adds others (each must exist).
 
 docs/method.md section 8 (`memjax.stages.metrics`, `memjax.method.detection`).
 """
@@ -16,7 +21,8 @@ OPTIONS = [
     Opt("label_column", "Label column (MV|RV|TV|N)."),
     Opt("positive", "Labels that count as memorized."),
     Opt("k_list", "K values of precision@K."),
-    Opt("score_columns", "Score columns (default: those of scores,wen,edge_scores present)."),
+    Opt("score_columns", "Extra score columns, scored beside every detector column present "
+        "(" + ",".join(metrics.DEFAULT_SCORE_COLUMNS) + "); each must exist."),
     Opt("prompt_column", "Caption column, to join on captions when the labels have no ids."),
     Opt("out", "Write the JSON report to this file."),
     Opt("workdir", "Write the JSON report to WORKDIR/metrics/<name>.json (with a manifest)."),

@@ -1,5 +1,6 @@
-"""memjax.metrics: ROC / AUC / TPR@1%FPR / precision@K against hand-computed
-cases and an independent brute-force ROC, and the CLI's joins and bad input.
+"""memjax.metrics: ROC / AUC / TPR@1%FPR (both conventions) / TPR@0.1%FPR /
+precision@K against hand-computed cases and an independent brute-force ROC, every
+detector column side by side, and the CLI's joins, table and bad input.
 
 scikit-learn is not installed here; its `roc_curve` (drop_intermediate=False)
 is restated in `_brute_roc` from its definition: one point per distinct score
@@ -68,6 +69,66 @@ def test_tpr_at_1pct_fpr_takes_last_point_strictly_below():
   assert detection.tpr_at_fpr(curve, 0.02) == 1.0
 
 
+def _curve(runs, n_neg_tail=0, n_pos_tail=0):
+  """(y, s): `runs` of (n_pos, n_neg) tied at one score each, descending, then
+  n_neg_tail negatives and n_pos_tail positives at the bottom."""
+  y, s = [], []
+  for i, (p, n) in enumerate(runs):
+    y += [1] * p + [0] * n
+    s += [1000.0 - i] * (p + n)
+  return y + [0] * n_neg_tail + [1] * n_pos_tail, s + [-1.0] * n_neg_tail + [-2.0] * n_pos_tail
+
+
+def _closest_restated(fpr, tpr, target):
+  """The authors' rule restated in plain Python: the first index of the least
+  float distance (min keeps the first of equal keys)."""
+  return tpr[min(range(len(fpr)), key=lambda i: abs(float(fpr[i]) - target))]
+
+
+@pytest.mark.parametrize("runs,neg_tail,pos_tail,below,closest,below01", [
+    # 60 negatives: a negative tied with 2 positives enters at fpr 1/60 = 0.0167, closer
+    # to 0.01 than 0: closest takes that point (tpr 4/10, above 1% FPR), below the last
+    # point at fpr 0 (tpr 2/10).
+    ([(2, 0), (2, 1), (3, 0)], 59, 3, 0.2, 0.4, 0.2),
+    # 200 negatives, a tie of 2 negatives and a positive jumps fpr 0.005 -> 0.015 (no
+    # point at 0.01). Equally far in exact arithmetic; in float64 |0.015 - 0.01| <
+    # |0.005 - 0.01|, so the authors' numpy takes fpr 0.015 (tpr 4/10), not the first
+    # point at 0.005 (tpr 1/10); below takes the last point at 0.005 (tpr 3/10).
+    ([(1, 0), (0, 1), (2, 0), (1, 2), (2, 0)], 197, 4, 0.3, 0.4, 0.1),
+    # 100 negatives: fpr 0.01 exists, reached with a tied positive (tpr 4/10), then one
+    # more positive (5/10); closest takes the FIRST point at fpr 0.01 (4/10), below the
+    # last point before it (3/10).
+    ([(3, 0), (1, 1), (1, 0), (1, 1), (2, 0)], 98, 2, 0.3, 0.4, 0.3),
+    # 50 negatives, perfect separation: (0, 0) and (0.02, 1) are equally far from 0.01
+    # and (0, 0) comes first: closest gives 0 whatever the score; below gives 1.
+    ([(5, 0)], 50, 0, 1.0, 0.0, 1.0),
+    # 2000 negatives: fpr 0.0005 < 0.001 counts for TPR@0.1%, fpr 0.001 does not.
+    ([(1, 0), (0, 1), (1, 0), (0, 1), (1, 0), (0, 18), (1, 0)], 1980, 6, 0.3, 0.3, 0.2),
+])
+def test_tpr_conventions_on_hand_built_curves(runs, neg_tail, pos_tail, below, closest,
+                                              below01):
+  y, s = _curve(runs, neg_tail, pos_tail)
+  curve = detection.roc_curve(y, s)
+  assert detection.tpr_at_fpr(curve, 0.01) == below
+  assert detection.tpr_at_fpr_closest(curve, 0.01) == closest
+  assert detection.tpr_at_fpr(curve, 0.001) == below01
+  fpr, tpr = _brute_roc(y, s)
+  assert _closest_restated(fpr, tpr, 0.01) == closest
+  row = detection.detection_metrics(np.where(y, "MV", "N"), s, ["MV"], [1])["MV"]
+  assert (row["tpr_at_1pct_fpr"], row["tpr_at_1pct_fpr_closest"],
+          row["tpr_at_01pct_fpr"]) == (below, closest, below01)
+
+
+def test_the_float_tie_is_not_the_exact_tie():
+  """The second case above: exact arithmetic would take fpr 0.005 first."""
+  from fractions import Fraction
+  y, s = _curve([(1, 0), (0, 1), (2, 0), (1, 2), (2, 0)], 197, 4)
+  curve = detection.roc_curve(y, s)
+  exact = [abs(Fraction(int(f), 200) - Fraction(1, 100)) for f in curve.fps]
+  assert curve.tpr[exact.index(min(exact))] == 0.1
+  assert detection.tpr_at_fpr_closest(curve) == 0.4
+
+
 def test_drop_intermediate_follows_sklearn_rule():
   # each tied score holds one positive and one negative: a straight diagonal run
   y, s = [1, 0, 1, 0, 1, 0], [4, 4, 3, 3, 2, 2]
@@ -93,7 +154,30 @@ def test_random_arrays_equal_brute_force_and_mann_whitney():
     u = mannwhitneyu(s[y], s[~y]).statistic
     assert detection.roc_auc(curve) == u / (y.sum() * (~y).sum())
     assert detection.tpr_at_fpr(curve) == tpr[np.where(fpr < 0.01)[0][-1]]
+    assert detection.tpr_at_fpr_closest(curve) == _closest_restated(fpr, tpr, 0.01)
     assert detection.best_accuracy(curve) == np.max(1 - (fpr + 1 - tpr) / 2)
+
+
+def test_large_random_arrays_both_conventions_equal_brute_force():
+  """Hundreds to thousands of negatives, so that 1% and 0.1% FPR fall inside the
+  curve; integer scores make tie groups that skip fprs."""
+  rng = np.random.default_rng(1)
+  differ = 0
+  for trial in range(12):
+    n = int(rng.integers(150, 2500))
+    y = rng.random(n) < rng.uniform(0.05, 0.5)
+    y[0], y[1] = True, False
+    s = (rng.integers(0, 60, n) if trial % 2 else rng.standard_normal(n)).astype(np.float64)
+    s += 1.5 * y
+    curve = detection.roc_curve(y, s)
+    fpr, tpr = _brute_roc(y, s)
+    np.testing.assert_array_equal(curve.fpr, fpr)
+    for target in (0.01, 0.001):
+      assert detection.tpr_at_fpr(curve, target) == max(
+          [0.0] + [t for f, t in zip(fpr, tpr) if f < target])
+      assert detection.tpr_at_fpr_closest(curve, target) == _closest_restated(fpr, tpr, target)
+    differ += detection.tpr_at_fpr(curve) != detection.tpr_at_fpr_closest(curve)
+  assert differ  # the two conventions are not the same number here
 
 
 def test_precision_at_k_ties_by_id():
@@ -118,6 +202,29 @@ def test_per_type_negatives_exclude_other_positive_types():
   assert out["TV"]["auc"] == 2 / 3 and out["TV"]["precision_at_k"] == {1: 0.0, 3: 1 / 3}
   assert out["RV"]["auc"] == 1 / 3
   assert out["RV"]["tpr_at_1pct_fpr"] == 0.0 and out["MV"]["tpr_at_1pct_fpr"] == 1.0
+  # 3 negatives: the point nearest 1% FPR is the first at fpr 0, (0, 0)
+  assert out["MV"]["tpr_at_1pct_fpr_closest"] == 0.0 and out["MV"]["tpr_at_01pct_fpr"] == 1.0
+  empty = detection.detection_metrics(["N", "N"], [1, 2], ["MV"], [1])["MV"]
+  assert {k for k, v in empty.items() if v is None} == {
+      "auc", "tpr_at_1pct_fpr", "tpr_at_1pct_fpr_closest", "tpr_at_01pct_fpr", "accuracy"}
+
+
+def test_the_documented_check_example():
+  """docs/method.md section 8, the table under 'Check'."""
+  out = detection.detection_metrics(["MV", "N", "MV", "N", "TV", "N"],
+                                    [0.9, 0.8, 0.8, 0.7, 0.3, 0.2], ["MV", "RV", "TV"],
+                                    [1, 2, 3, 5], [0, 1, 2, 3, 4, 5])
+  want = {"pooled": (13 / 18, 1 / 3, 0, 1 / 3, 2 / 3, [1, .5, 2 / 3, .6]),
+          "MV": (11 / 12, .5, 0, .5, 5 / 6, [1, .5, 2 / 3, .4]),
+          "TV": (1 / 3, 0, 0, 0, 2 / 3, [0, 0, 0, .2]),
+          "RV": (None, None, None, None, None, [0, 0, 0, 0])}
+  for group, (auc, below, closest, below01, acc, pk) in want.items():
+    r = out[group]
+    got = (r["auc"], r["tpr_at_1pct_fpr"], r["tpr_at_1pct_fpr_closest"],
+           r["tpr_at_01pct_fpr"], r["accuracy"])
+    assert got == pytest.approx((auc, below, closest, below01, acc)) if auc else \
+        got == (None,) * 5, group
+    assert list(r["precision_at_k"].values()) == pytest.approx(pk)
 
 
 def _workdir(tmp_path, n=40, seed=0):
@@ -173,6 +280,105 @@ def test_cli_run_joins_on_prompt_id_and_equals_direct_computation(tmp_path):
   assert report["columns"]["wen"]["dropped_nonfinite_score"] == 1
 
 
+def _detector_workdir(tmp_path, n=60, seed=3):
+  """A scan with every detector column (nulls, NaN, a score that ranks memorized
+  prompts lower, a constant) and an extra column, a blackbox, and labels."""
+  rng = np.random.default_rng(seed)
+  ids = np.arange(n)
+  labels = rng.choice(["MV", "TV", "RV", "N", "N", "N"], n)
+  mem = (labels != "N").astype(np.float64)
+  cols = {"scores": rng.standard_normal(n) + mem, "wen": rng.integers(0, 4, n) + mem,
+          "wen981": rng.standard_normal(n) + 2 * mem, "jeon": -rng.standard_normal(n) - mem,
+          "asthana": rng.standard_normal(n) + mem, "asthana_norm": rng.standard_normal(n),
+          "asthana_cos": np.full(n, 0.5), "ren_le": rng.standard_normal(n) + mem,
+          "custom": rng.standard_normal(n)}
+  cols["wen981"][[3, 4]] = np.nan  # status rows: NaN
+  work = str(tmp_path / "w")
+  table = {"prompt_id": ids, "caption": [f"caption {i}" for i in ids]}
+  for c, v in cols.items():
+    table[c] = pa.array([None if c == "ren_le" and i % 7 == 0 else float(x)  # nulls
+                         for i, x in enumerate(v)], pa.float64())
+  shards.ShardWriter(os.path.join(work, "scan")).write(pa.table(table), 0, n)
+  cols["ren_le"][ids % 7 == 0] = np.nan
+  cols["edge_scores"] = rng.random(n)
+  shards.ShardWriter(os.path.join(work, "blackbox")).write(
+      pa.table({"prompt_id": ids, "scan_prompt_id": ids, "edge_scores": cols["edge_scores"]}),
+      0, n)
+  path = str(tmp_path / "labels.parquet")
+  pq.write_table(pa.table({"prompt_id": ids, "overfit_type": labels}), path)
+  return work, path, ids, labels, cols
+
+
+def test_every_detector_column_side_by_side(tmp_path):
+  work, path, ids, labels, cols = _detector_workdir(tmp_path)
+  report = metrics.run(metrics.MetricsConfig(scores=[work], labels=path, k_list=[5, 10],
+                                             score_columns=["custom", "scores"]))
+  detectors = ["scores", "wen", "wen981", "jeon", "asthana", "asthana_norm", "asthana_cos",
+               "ren_le", "edge_scores"]
+  assert list(report["columns"]) == detectors + ["custom"]  # detectors first, in order
+  assert list(report["results"]) == ["pooled", "MV", "RV", "TV"]
+  assert report["columns"]["wen981"]["dropped_nonfinite_score"] == 2
+  assert report["columns"]["ren_le"]["dropped_nonfinite_score"] == int((ids % 7 == 0).sum())
+  assert report["score_columns_missing"] == []
+  for column in detectors + ["custom"]:
+    direct = detection.detection_metrics(labels, cols[column], ["MV", "RV", "TV"], [5, 10], ids)
+    for group, row in direct.items():
+      got = report["results"][group][column]
+      assert {k: v for k, v in got.items() if k != "precision_at_k"} == \
+          {k: v for k, v in row.items() if k != "precision_at_k"}, (group, column)
+      assert set(got) >= {"auc", "tpr_at_1pct_fpr", "tpr_at_1pct_fpr_closest",
+                          "tpr_at_01pct_fpr", "accuracy", "n_pos", "n_neg"}
+      assert got["precision_at_k"] == {str(k): v for k, v in row["precision_at_k"].items()}
+  pooled = report["results"]["pooled"]
+  assert pooled["jeon"]["auc"] < 0.5  # raw, never flipped
+  assert pooled["asthana_cos"]["auc"] == 0.5  # a constant: one threshold, the diagonal
+  assert pooled["wen981"]["n_pos"] + pooled["wen981"]["n_neg"] == len(ids) - 2
+
+
+def test_a_scan_with_todays_columns_only(tmp_path):
+  work, ids, labels, cols, _ = _workdir(tmp_path)
+  path = str(tmp_path / "labels.parquet")
+  pq.write_table(pa.table({"prompt_id": ids, "overfit_type": labels}), path)
+  report = metrics.run(metrics.MetricsConfig(scores=[work], labels=path, k_list=[5]))
+  assert list(report["columns"]) == ["scores", "wen", "edge_scores"]
+  assert report["score_columns_missing"] == ["wen981", "jeon", "asthana", "asthana_norm",
+                                             "asthana_cos", "ren_le"]
+  text = metrics.format_table(report)
+  assert "jeon" not in text and "wen981" not in text
+  # an absent column asked for by name is still an error, a detector's as another's
+  with pytest.raises(InputError, match="no score column 'jeon'"):
+    metrics.run(metrics.MetricsConfig(scores=[work], labels=path, score_columns=["jeon"]))
+
+
+def test_format_table_one_line_per_group_and_detector(tmp_path):
+  work, path, _, _, _ = _detector_workdir(tmp_path)
+  report = metrics.run(metrics.MetricsConfig(scores=[work], labels=path, k_list=[5, 10]))
+  lines = metrics.format_table(report).splitlines()
+  assert lines[0].split() == ["group", "detector", "pos", "neg", "auc", "tpr1%<", "tpr1%~",
+                              "tpr.1%<", "p@5", "p@10"]
+  fmt = lambda v: "-" if v is None else f"{v:.3f}"
+  body = [l.split() for l in lines[1:] if not l.startswith("  ")]
+  expect = [[group, column, str(r["n_pos"]), str(r["n_neg"]), fmt(r["auc"]),
+             fmt(r["tpr_at_1pct_fpr"]), fmt(r["tpr_at_1pct_fpr_closest"]),
+             fmt(r["tpr_at_01pct_fpr"]), fmt(r["precision_at_k"]["5"]),
+             fmt(r["precision_at_k"]["10"])]
+            for group, by_column in report["results"].items() for column, r in by_column.items()]
+  assert body == expect and len(body) == 4 * 9
+  assert len({len(l) for l in lines[:len(body) + 1]}) == 1  # aligned
+  legend = "\n".join(l for l in lines if l.startswith("  "))
+  for text in ("tpr1%<: TPR at the largest FPR below 1% (Wen et al.)",
+               "tpr1%~: TPR at the FPR closest to 1%", "tpr.1%<: TPR at the largest FPR below "
+               "0.1%", "scores: DCS, Webster's denoising confidence",
+               "jeon: Jeon et al. sharpness (JVP)", "ren_le: Ren et al. cross-attention entropy",
+               "edge_scores: edge, Webster's blackbox edge consistency"):
+    assert text in legend, text
+  # a report of an older memjax (no new keys) still prints
+  for by_column in report["results"].values():
+    for r in by_column.values():
+      r.pop("tpr_at_1pct_fpr_closest")
+  assert "-" in metrics.format_table(report)
+
+
 def test_cli_run_joins_on_caption_when_labels_have_no_ids(tmp_path):
   work, ids, labels, cols, captions = _workdir(tmp_path)
   rows = ["caption,overfit_type"] + [f'"{captions[i]}",{labels[i]}' for i in ids]
@@ -187,6 +393,12 @@ def test_cli_run_joins_on_caption_when_labels_have_no_ids(tmp_path):
   got = report["results"]["TV"]["scores"]
   a, b = cols["scores"][y == "TV"], cols["scores"][y == "N"]
   assert got["auc"] == mannwhitneyu(a, b).statistic / (a.size * b.size)
+  # every detector the caption reaches; the blackbox table has no caption: said, left out
+  assert list(report["columns"]) == ["scores", "wen"]
+  assert report["score_columns_unjoinable"] == ["edge_scores"]
+  with pytest.raises(InputError, match="no column 'caption' to join"):  # asked for by name
+    metrics.run(metrics.MetricsConfig(scores=[work], labels=str(tmp_path / "labels.csv"),
+                                      score_columns=["edge_scores"]))
 
 
 @pytest.mark.parametrize("case,expect", [
@@ -266,6 +478,7 @@ def test_cli_prints_table_and_bad_input_is_one_line(tmp_path):
             f"--out={tmp_path / 'o.json'}"])
   assert r.returncode == 0, r.stderr[-3000:]
   assert "pooled" in r.stdout and "edge_scores" in r.stdout and "p@10" in r.stdout
+  assert "tpr1%<" in r.stdout and "tpr1%~" in r.stdout and "tpr.1%<" in r.stdout
   assert json.load(open(tmp_path / "o.json"))["results"]["MV"]["scores"]["n_pos"] > 0
   r = _cli([f"--scores={work}", f"--labels={path}", "--score_columns=nope"])
   assert r.returncode == 2 and "Traceback" not in r.stderr

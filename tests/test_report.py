@@ -1,5 +1,6 @@
 """memjax.report on the micro attack's real workdir (conftest.py): gallery order, images,
-plots, metrics, missing stages, a resumed stage, a real browser."""
+plots, metrics, missing stages, a resumed stage, a real browser; and the metrics table
+of every detector on a synthetic scan."""
 import os
 import re
 import shutil
@@ -7,6 +8,7 @@ import subprocess
 import json
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -82,7 +84,15 @@ def test_gallery_lists_top_k_in_score_order_with_every_image(micro_extract):
   assert pooled["n_pos"] == sum(v for k, v in labels.items() if k != "N") > 0
   assert {"score_distributions.png", "precision_at_k.png", "roc.png",
           "dcs_vs_edge.png"} <= set(m.details["plots"])
-  assert "TPR@1%FPR" in page and "against planted labels" in page
+  assert "against planted labels" in page and "against verified labels" in page
+  for head in ("TPR@1%<br>below", "TPR@1%<br>closest", "TPR@0.1%<br>below", "P@2/4/8"):
+    assert head in page, head
+  assert page.count("<table class='metrics'>") == 2
+  detectors = re.findall(r"<tr data-detector='([^']+)'>", page)
+  assert detectors[:2] == ["scores", "wen"] and detectors[-1] == "edge_scores"
+  assert len(detectors) == 2 * len(m.details["metrics"]["planted"]["columns"])
+  assert "Webster&#x27;s denoising confidence" in page
+  assert "roc_detectors.png" in m.details["plots"]
   assert "id='missing'" not in page and m.details["missing"] == []
 
 
@@ -156,6 +166,71 @@ def test_blackbox_only_and_empty_workdirs(micro_extract, tmp_path):
   assert m.details["ids"] == [] and len(m.details["missing"]) >= 3
   with pytest.raises(InputError, match="does not exist"):
     report.run(report.ReportConfig(workdir=str(tmp_path / "nope")))
+
+
+DETECTORS = ["scores", "wen", "wen981", "jeon", "asthana", "asthana_norm", "asthana_cos",
+             "ren_le"]
+
+
+def _detector_scan(tmp_path, n=80):
+  """A scan-only workdir whose shards carry every detector column (the testbed's
+  planted `kind` as labels; jeon ranks memorized prompts lower, ren_le has nulls)."""
+  rng = np.random.default_rng(5)
+  kind = rng.choice(["MV", "TV", "RV", "N", "N", "N"], n)
+  mem = (kind != "N").astype(np.float64)
+  cols = {c: rng.standard_normal(n) + mem for c in DETECTORS}
+  cols["jeon"] = -cols["jeon"]
+  table = {"prompt_id": np.arange(n), "caption": [f"caption {i}" for i in range(n)],
+           **{c: pa.array(v, pa.float64()) for c, v in cols.items()}, "kind": kind}
+  table["ren_le"] = pa.array([None if i % 9 == 0 else v for i, v in enumerate(cols["ren_le"])],
+                             pa.float64())
+  w = str(tmp_path / "w")
+  shards.ShardWriter(workdir_lib.stage_dir(w, "scan")).write(pa.table(table), 0, n)
+  return w
+
+
+def test_metrics_table_lists_every_detector(tmp_path):
+  w = _detector_scan(tmp_path)
+  m = report.run(report.ReportConfig(workdir=w, top_k=5, k_list=[5, 10]))
+  page = _page(m)
+  results = m.details["metrics"]["planted"]["results"]
+  assert list(results) == ["pooled", "MV", "RV", "TV"]
+  assert page.count("<table class='metrics'>") == 1  # one label source, one table
+  table = page[page.index("<table class='metrics'>"):]
+  table = table[:table.index("</table>")]
+  assert re.findall(r"<tr data-detector='([^']+)'>", table) == DETECTORS
+  heads = re.findall(r"<th colspan='5' class='g'>(\w+) <span class='none'>([\d-]+) pos / "
+                     r"([\d-]+) neg", table)
+  assert [h[0] for h in heads] == list(results)
+  span = lambda v: str(min(v)) if min(v) == max(v) else f"{min(v)}-{max(v)}"
+  for group, n_pos, n_neg in heads:  # ren_le's null rows make its counts lower
+    assert n_pos == span([r["n_pos"] for r in results[group].values()]), group
+    assert n_neg == span([r["n_neg"] for r in results[group].values()]), group
+  assert "-" in heads[0][2]
+  for text in ("<b>DCS</b>", "Webster&#x27;s denoising confidence (column scores)",
+               "Wen et al., ||e_c - e_u|| at t = 999 (memjax&#x27;s z)",
+               "Wen et al. at the authors&#x27; first DDIM step", "Jeon et al. sharpness (JVP)",
+               "Asthana &amp; Belagiannis anisotropy (norm + cosine)",
+               "Ren et al. cross-attention entropy (one layer)"):
+    assert text in table, text
+  for det in DETECTORS:  # every cell: the metrics stage's numbers
+    row = re.search(rf"<tr data-detector='{det}'>(.*?)</tr>", table).group(1)
+    cells = re.findall(r"<td class='num[^']*'[^>]*>([^<]*)</td>", row)
+    want = []
+    for group in results:
+      r = results[group][det]
+      want += [f"{r[k]:.3f}" for k in ("auc", "tpr_at_1pct_fpr", "tpr_at_1pct_fpr_closest",
+                                        "tpr_at_01pct_fpr")]
+      want.append("/".join(f"{r['precision_at_k'][k]:.2f}" for k in ("5", "10")))
+    assert cells == want, det
+  jeon = re.search(r"<tr data-detector='jeon'>(.*?)</tr>", table).group(1)
+  assert results["pooled"]["jeon"]["auc"] < 0.5 and "class='num g low'" in jeon  # raw, marked
+  assert "class='num g low'" not in re.search(r"<tr data-detector='scores'>(.*?)</tr>",
+                                               table).group(1)
+  pooled = results["pooled"]["ren_le"]
+  assert pooled["n_pos"] + pooled["n_neg"] == 80 - len(range(0, 80, 9))  # nulls left out
+  assert "roc_detectors.png" in m.details["plots"]
+  assert os.path.isfile(workdir_lib.path(w, "report", "img", "roc_detectors.png"))
 
 
 def _chromium(tmp_path, *args):

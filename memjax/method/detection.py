@@ -10,10 +10,15 @@ as well as each label type separately (never only pooled):
   thresholds at the distinct scores, descending; at threshold t a row is
   called positive when its score >= t; the curve starts at (fpr, tpr) = (0, 0)
   with threshold +inf. (sklearn's default drop_intermediate=True, used by Wen
-  et al., removes collinear points; that never changes the AUC and changes
-  TPR@1%FPR only when tied scores make a straight run cross fpr = 0.01.)
+  et al., removes collinear points; that never changes the AUC and changes a
+  TPR@FPR, of either convention, only when tied scores of both classes make a
+  straight run across its target fpr.)
 - AUC = trapezoidal area under that curve = Mann-Whitney U / (P N), ties half.
-- TPR@1%FPR = tpr[last index where fpr < 0.01] (Wen et al.'s convention).
+- TPR@1%FPR, two conventions of the literature:
+  below (Wen et al.):            tpr[last index where fpr < 0.01];
+  closest (Jeon, Asthana, Ren):  tpr[argmin |fpr - 0.01|] (numpy, float64: the
+  first index among equal distances; the chosen fpr may exceed 1%).
+- TPR@0.1%FPR = tpr[last index where fpr < 0.001] (below).
 - accuracy = max over the curve of 1 - (fpr + 1 - tpr) / 2.
 
 Positives of a type T are the rows labelled T; negatives, those whose label is
@@ -66,6 +71,18 @@ def tpr_at_fpr(curve: RocCurve, max_fpr: float = 0.01) -> float:
   return float(curve.tpr[np.where(curve.fpr < max_fpr)[0][-1]])
 
 
+def tpr_at_fpr_closest(curve: RocCurve, target_fpr: float = 0.01) -> float:
+  """tpr at the point whose fpr is closest to target_fpr (may be above it).
+
+  Exactly the authors' `tpr[np.argmin(np.abs(fpr - 0.01))]` on the same curve:
+  distances in float64, the first index wins a tie. Two fprs equally far in exact
+  arithmetic are decided by that rounding (200 negatives, no point at 0.01:
+  0.015 beats 0.005), and at one fpr the first point, the lowest tpr, is taken.
+  For 0.01 with at most 50 negatives, that is (0, 0): tpr 0.
+  """
+  return float(curve.tpr[np.argmin(np.abs(curve.fpr - target_fpr))])
+
+
 def best_accuracy(curve: RocCurve) -> float:
   """max(1 - (fpr + 1 - tpr) / 2): balanced accuracy at the best threshold."""
   return float(np.max(1 - (curve.fpr + 1 - curve.tpr) / 2))
@@ -95,8 +112,10 @@ def detection_metrics(labels: Sequence[str], scores, positive: Sequence[str],
     tiebreak: [N] ranks ties (default: position).
 
   Returns:
-    {"pooled" and each type: {auc, tpr_at_1pct_fpr, accuracy, n_pos, n_neg,
-    precision_at_k}}; ROC numbers are None when a class is empty.
+    {"pooled" and each type: {auc, tpr_at_1pct_fpr (below 1%, Wen et al.),
+    tpr_at_1pct_fpr_closest (closest to 1%), tpr_at_01pct_fpr (below 0.1%),
+    accuracy, n_pos, n_neg, precision_at_k}}; ROC numbers are None when a class
+    is empty.
   """
   scores = np.asarray(scores, np.float64)
   tiebreak = np.arange(scores.size) if tiebreak is None else np.asarray(tiebreak)
@@ -107,10 +126,12 @@ def detection_metrics(labels: Sequence[str], scores, positive: Sequence[str],
   for group in ["pooled"] + list(positive):
     pos = ~negative if group == "pooled" else labels == group
     row = out[group] = {"n_pos": int(pos.sum()), "n_neg": int(negative.sum()), "auc": None,
-                        "tpr_at_1pct_fpr": None, "accuracy": None,
+                        "tpr_at_1pct_fpr": None, "tpr_at_1pct_fpr_closest": None,
+                        "tpr_at_01pct_fpr": None, "accuracy": None,
                         "precision_at_k": precision_at_k(pos, scores, ks, tiebreak)}
     if row["n_pos"] and row["n_neg"]:
       curve = roc_curve(pos[pos | negative], scores[pos | negative])
       row.update(auc=roc_auc(curve), tpr_at_1pct_fpr=tpr_at_fpr(curve, 0.01),
-                 accuracy=best_accuracy(curve))
+                 tpr_at_1pct_fpr_closest=tpr_at_fpr_closest(curve, 0.01),
+                 tpr_at_01pct_fpr=tpr_at_fpr(curve, 0.001), accuracy=best_accuracy(curve))
   return out

@@ -5,8 +5,10 @@ workdirs (their scan and blackbox shards) or tables; labels from a workdir (its
 verify table, or its scan shards for a planted column such as the testbed's
 `kind`) or a table. Rows join on `prompt_id` (a stage fed by a scan keeps the
 scan's id as `scan_prompt_id`, which is used instead), or on the caption when
-the labels have no ids. Rows with an empty label or a null, NaN or infinite score
-are dropped (counted in the report). With a workdir, the report is written to
+the labels have no ids. Every detector column of DETECTORS that the scores hold
+is scored side by side, with any extra column named by --score_columns. Rows
+with an empty label or a null, NaN or infinite score are dropped, per column
+(counted in the report). With a workdir, the report is written to
 `WORKDIR/metrics/<name>.json`, listed in `WORKDIR/metrics/manifest.json`.
 """
 import collections
@@ -31,7 +33,30 @@ from memjax.runtime.errors import InputError
 STAGE = "metrics"
 PROMPT_ID = shards.PROMPT_ID
 SCAN_ID = "scan_prompt_id"  # a stage fed by a scan workdir keeps the scan's ids here
-DEFAULT_SCORE_COLUMNS = ("scores", "wen", "edge_scores")
+# Every detector column scored when present (higher = more likely memorized for
+# each; AUCs are reported raw, never flipped), in the order shown:
+# column -> (display name, one-line description).
+DETECTORS = {
+    "scores": ("DCS", "Webster's denoising confidence"),
+    "wen": ("wen", "Wen et al., ||e_c - e_u|| at t = 999 (memjax's z)"),
+    "wen981": ("wen981", "Wen et al. at the authors' first DDIM step"),
+    "jeon": ("jeon", "Jeon et al. sharpness (JVP)"),
+    "asthana": ("asthana", "Asthana & Belagiannis anisotropy (norm + cosine)"),
+    "asthana_norm": ("asthana_norm", "Asthana & Belagiannis, the norm part alone"),
+    "asthana_cos": ("asthana_cos", "Asthana & Belagiannis, the cosine part alone"),
+    "ren_le": ("ren_le", "Ren et al. cross-attention entropy (one layer)"),
+    "edge_scores": ("edge", "Webster's blackbox edge consistency (one-step images)"),
+}
+DEFAULT_SCORE_COLUMNS = tuple(DETECTORS)
+# The ROC numbers of each (group, column), as the text and HTML tables show them:
+# report key -> (short header, meaning).
+TABLE_METRICS = {
+    "auc": ("auc", "ROC AUC (raw: below 0.5 ranks memorized prompts lower)"),
+    "tpr_at_1pct_fpr": ("tpr1%<", "TPR at the largest FPR below 1% (Wen et al.)"),
+    "tpr_at_1pct_fpr_closest": ("tpr1%~", "TPR at the FPR closest to 1%, which may be "
+                                "above it (Jeon et al., Asthana & Belagiannis, Ren et al.)"),
+    "tpr_at_01pct_fpr": ("tpr.1%<", "TPR at the largest FPR below 0.1%"),
+}
 SCORE_STAGES = ("scan", "blackbox")  # workdir stage folders read, in this order.
 TIE_ORDER = ("TV", "MV", "RV")  # a caption labelled twice takes the first of these.
 
@@ -113,29 +138,45 @@ def _labels_by_key(table: pa.Table, source: str, all_names: Sequence[str], key: 
   return out, captions
 
 
+def wanted_columns(score_columns: Optional[Sequence[str]]) -> List[str]:
+  """The detector columns, then the extra `score_columns` (each once, in order)."""
+  return list(dict.fromkeys([*DEFAULT_SCORE_COLUMNS, *(score_columns or ())]))
+
+
 def join_scores(sources: Sequence[tuple], labels: dict, key: str,
                 score_columns: Optional[Sequence[str]], info: dict,
                 captions: Optional[dict] = None, caption_column: str = "caption") -> dict:
   """Per score column: the labelled rows' labels, scores and tiebreak (prompt_id).
 
-  Each column comes from the first (table, source, names) that has it. A key
-  scored twice keeps its row with the lowest prompt_id. With the prompt_id key,
+  The columns: those of DETECTORS present, and every one of `score_columns`
+  (required), in that order. Each column comes from the first (table, source,
+  names) that has it. A detector column not asked for by name whose table has
+  no `key` (a blackbox table has no caption) is left out when another column
+  can be joined, and listed in info["score_columns_unjoinable"]. A key scored
+  twice keeps its row with the lowest prompt_id. With the prompt_id key,
   `captions` (the labels' prompt_id -> caption) must agree with the scores'.
   """
-  wanted = list(score_columns or DEFAULT_SCORE_COLUMNS)
+  wanted = wanted_columns(score_columns)
   found = {}
   for table, source, all_names in sources:
     for column in wanted:
       if column in table.column_names and column not in found:
         found[column] = (table, source, all_names)
+  found = {c: found[c] for c in wanted if c in found}
   missing = [c for c in wanted if c not in found]
+  required = [c for c in missing if c in (score_columns or ())]
   names = ", ".join(dict.fromkeys(s for _, s, _ in sources))
-  if (score_columns and missing) or not found:
+  if required or not found:
+    missing = required or missing
     available = sorted({c for _, _, n in sources for c in n})
     raise InputError(f"--scores ({names}): no score column {', '.join(map(repr, missing))}; "
                      f"its columns are: {', '.join(available)}. Pass --score_columns=NAME,...")
-  label_keys, joined = pa.array(list(labels)), {}
+  label_keys, joined, unjoinable = pa.array(list(labels)), {}, []
   for column, (table, source, all_names) in found.items():
+    if key not in table.column_names and column not in (score_columns or ()) and \
+        any(key in t.column_names for t, _, _ in found.values()):
+      unjoinable.append(column)  # e.g. a blackbox table has no caption: left out, said
+      continue
     if key not in table.column_names:
       raise InputError(f"{source}: no column '{key}' to join the labels on; its columns "
                        f"are: {', '.join(all_names)}.")
@@ -174,6 +215,7 @@ def join_scores(sources: Sequence[tuple], labels: dict, key: str,
     raise InputError(f"no {key} of the labels occurs in --scores ({names}); nothing to "
                      "evaluate.")
   info["score_columns_missing"] = missing
+  info["score_columns_unjoinable"] = unjoinable
   return joined
 
 
@@ -185,7 +227,7 @@ class MetricsConfig:
   label_column: str = "overfit_type"
   positive: Sequence[str] = ("MV", "RV", "TV")
   k_list: Sequence[int] = (10, 100, 500)
-  score_columns: Optional[Sequence[str]] = None  # None: those of the defaults present.
+  score_columns: Optional[Sequence[str]] = None  # extra columns, beside DETECTORS present
   prompt_column: str = "caption"  # the caption join's column
   out: Optional[str] = None  # a JSON file for the report
   workdir: Optional[str] = None  # or WORKDIR/metrics/<name>.json, with a manifest
@@ -228,7 +270,7 @@ def run(cfg: MetricsConfig) -> dict:
   info = {"join_key": key}
   labels, captions = _labels_by_key(table, cfg.labels, all_names, key, cfg.label_column,
                                     cfg.prompt_column, info)
-  wanted = {PROMPT_ID, cfg.prompt_column, *(cfg.score_columns or DEFAULT_SCORE_COLUMNS)}
+  wanted = {PROMPT_ID, cfg.prompt_column, *wanted_columns(cfg.score_columns)}
   sources = [s for path in score_paths for s in read_tables(path, "scores", wanted)]
   joined = join_scores(sources, labels, key, cfg.score_columns, info, captions,
                        cfg.prompt_column)
@@ -274,15 +316,30 @@ def _write_to_workdir(cfg: MetricsConfig, report: dict, t0: float) -> None:
       outputs={name: name + ".json" for name in reports}))
 
 
+def describe(column: str) -> str:
+  """'name: description' of a detector column ('column' alone for another)."""
+  name, what = DETECTORS.get(column, (column, ""))
+  return f"{column}: {name}, {what}" if name != column else (
+      f"{column}: {what}" if what else column)
+
+
 def format_table(report: dict) -> str:
-  """A small text table: one line per (label group, score column)."""
+  """The text table: per label group (pooled, then each type), one line per
+  detector column: counts, AUC, TPR at 1% FPR (below; closest), TPR at 0.1% FPR
+  and precision@K; then what the headers and detectors mean."""
   ks = report["k_list"]
   fmt = lambda v: "-" if v is None else f"{v:.3f}"
-  lines = [f"{'group':<7}{'column':<14}{'n_pos':>6}{'n_neg':>7}{'auc':>8}{'tpr@1%':>8}"
-           f"{'acc':>7}" + "".join(f"{'p@' + str(k):>8}" for k in ks)]
-  for group, columns in report["results"].items():
-    for column, r in columns.items():
-      lines.append(f"{group:<7}{column:<14}{r['n_pos']:>6}{r['n_neg']:>7}{fmt(r['auc']):>8}"
-                   f"{fmt(r['tpr_at_1pct_fpr']):>8}{fmt(r['accuracy']):>7}" +
-                   "".join(f"{fmt(r['precision_at_k'][str(k)]):>8}" for k in ks))
+  columns = list(dict.fromkeys(c for cols in report["results"].values() for c in cols))
+  w = max([len("detector")] + [len(c) for c in columns]) + 2
+  heads = [h for h, _ in TABLE_METRICS.values()] + [f"p@{k}" for k in ks]
+  lines = [f"{'group':<8}{'detector':<{w}}{'pos':>5}{'neg':>6}" +
+           "".join(f"{h:>8}" for h in heads)]
+  for group, by_column in report["results"].items():
+    for column, r in by_column.items():
+      values = [r.get(m) for m in TABLE_METRICS] + [r["precision_at_k"][str(k)] for k in ks]
+      lines.append(f"{group:<8}{column:<{w}}{r['n_pos']:>5}{r['n_neg']:>6}" +
+                   "".join(f"{fmt(v):>8}" for v in values))
+  lines += [f"  {h}: {what}" for h, what in TABLE_METRICS.values()]
+  lines.append("  p@K: precision among the top K by score")
+  lines += [f"  {describe(c)}" for c in columns]
   return "\n".join(lines)

@@ -9,8 +9,10 @@ Writes `WORKDIR/report/index.html` with every image copied beside it
 network, and `WORKDIR/report/manifest.json`.
 
 Rows of all stages are joined by the scan's prompt id (`scan_prompt_id` in the
-stages fed by a scan). The gallery lists the top K by the whitebox score
-(`scores`, the DCS), or by `edge_scores` when there is no scan.
+stages fed by a scan). The metrics table scores every detector column the scan
+holds (`metrics.DETECTORS`) and the edge score, against each label source. The
+gallery lists the top K by the whitebox score (`scores`, the DCS), or by
+`edge_scores` when there is no scan.
 """
 import dataclasses
 import os
@@ -37,6 +39,8 @@ POSITIVE = ("MV", "RV", "TV")
 PLANTED_COLUMN = "kind"  # the testbed's ground truth of every caption
 _SCAN_ID = metrics_lib.SCAN_ID
 _SHOWN_STAGES = ("scan", "blackbox", "generate", "index", "verify")
+# The scan's detector columns (metrics.DETECTORS but the blackbox's edge score).
+SCAN_DETECTORS = tuple(c for c in metrics_lib.DETECTORS if c != "edge_scores")
 
 
 @dataclasses.dataclass
@@ -72,7 +76,7 @@ def _load_scan(d: Dict, workdir: str) -> None:
     d["missing"].append("whitebox scan (no scan/ shards): no DCS scores")
     return
   data = shards.open_shards(scan_dir)
-  cols = [c for c in ("prompt_id", "caption", "scores", "wen", PLANTED_COLUMN)
+  cols = [c for c in ("prompt_id", "caption", *SCAN_DETECTORS, PLANTED_COLUMN)
           if c in data.schema.names]
   d["scan"] = data.to_table(columns=cols).to_pydict()
   d["scan"].setdefault("caption", None)
@@ -160,10 +164,11 @@ def label_sets(d: Dict) -> Dict[str, Dict]:
 
 
 def score_columns(d: Dict) -> Dict[str, Dict[int, float]]:
-  """Score column -> {scan id: value} (NaN-free)."""
+  """Score column -> {scan id: value} (NaN-free): every detector the scan holds,
+  then the edge score."""
   out = {}
   if d["scan"] is not None:
-    for col in ("scores", "wen"):
+    for col in SCAN_DETECTORS:
       if col in d["scan"]:
         out[col] = {int(i): float(v) for i, v in zip(d["scan"]["prompt_id"], d["scan"][col])
                     if v is not None and v == v}

@@ -9,6 +9,7 @@ import html
 from typing import Dict, List, Optional, Sequence
 
 from memjax.runtime import progress
+from memjax.stages import metrics as metrics_lib
 
 _CSS = """
 body{font-family:sans-serif;margin:1.5em;color:#222;max-width:1400px}
@@ -26,6 +27,12 @@ img.plot{max-width:100%;margin:4px}
 .N,.unique,.heldout{background:#1f77b4}
 .cap{max-width:320px}
 .none{color:#999;font-size:12px}
+table.metrics td,table.metrics th{font-size:12px;padding:2px 4px}
+table.metrics th{text-align:center;font-size:11px}
+table.metrics .g{border-left:2px solid #888}
+td.det{max-width:210px}
+td.pk{white-space:nowrap}
+.low{color:#b00000;font-weight:bold}
 """
 
 _SCRIPT_HEAD = """
@@ -132,6 +139,66 @@ def _label_counts(d: Dict) -> List[Sequence]:
   return rows
 
 
+def _detector_cell(column: str) -> str:
+  name, what = metrics_lib.DETECTORS.get(column, (column, "score column"))
+  if name != column:
+    what += f" (column {column})"
+  return f"<td class='det'><b>{_e(name)}</b><br><span class='none'>{_e(what)}</span></td>"
+
+
+def _range(values) -> str:
+  lo, hi = min(values), max(values)
+  return str(lo) if lo == hi else f"{lo}-{hi}"
+
+
+def _metrics_table(results: Dict, ks: Sequence[int]) -> str:
+  """One table: a row per detector column, per label group the ROC numbers and P@K."""
+  groups = list(results)
+  columns = list(dict.fromkeys(c for g in groups for c in results[g]))
+  meaning = {k: what for k, (_, what) in metrics_lib.TABLE_METRICS.items()}
+  heads = [("AUC", meaning["auc"]), ("TPR@1%|below", meaning["tpr_at_1pct_fpr"]),
+           ("TPR@1%|closest", meaning["tpr_at_1pct_fpr_closest"]),
+           ("TPR@0.1%|below", meaning["tpr_at_01pct_fpr"]),
+           ("P@" + "/".join(map(str, ks)), "precision among the top K by score, for each K")]
+  top, sub = ["<tr><th rowspan='2'>detector</th>"], ["<tr>"]
+  for g in groups:
+    rows = results[g].values()
+    top.append(f"<th colspan='{len(heads)}' class='g'>{_e(g)} <span class='none'>"
+               f"{_range([r['n_pos'] for r in rows])} pos / "
+               f"{_range([r['n_neg'] for r in rows])} neg</span></th>")
+    sub += [f"<th{' class=g' if n == 0 else ''} title='{_e(t)}'>"
+            f"{'<br>'.join(_e(x) for x in h.split('|'))}</th>" for n, (h, t) in enumerate(heads)]
+  body = []
+  for column in columns:
+    cells = [_detector_cell(column)]
+    for g in groups:
+      r = results[g].get(column)
+      if r is None:
+        cells.append(f"<td class='num g' colspan='{len(heads)}'>-</td>")
+        continue
+      auc = r.get("auc")
+      low = " low" if auc is not None and auc < 0.5 else ""
+      cells.append(f"<td class='num g{low}' title='{r['n_pos']} pos / {r['n_neg']} neg'>"
+                   f"{_num(auc, '{:.3f}')}</td>")
+      cells += [f"<td class='num'>{_num(r.get(m), '{:.3f}')}</td>" for m in
+                ("tpr_at_1pct_fpr", "tpr_at_1pct_fpr_closest", "tpr_at_01pct_fpr")]
+      pk = "/".join(_num(r["precision_at_k"].get(str(k)), "{:.2f}") for k in ks)
+      cells.append(f"<td class='num pk'>{pk}</td>")
+    body.append(f"<tr data-detector='{_e(column)}'>" + "".join(cells) + "</tr>")
+  return ("<table class='metrics'>" + "".join(top) + "</tr>" + "".join(sub) + "</tr>" +
+          "".join(body) + "</table>")
+
+
+_METRICS_NOTE = (
+    "<p class='none'>Higher = more likely memorized for every detector; AUCs are raw, never "
+    "flipped (<span class='low'>below 0.5</span>: the score ranks memorized prompts lower). "
+    "TPR@1%FPR in both conventions of the literature: <b>below</b>, at the largest FPR "
+    "under 1% (Wen et al.); <b>closest</b>, at the FPR nearest 1%, possibly above it (Jeon "
+    "et al., Asthana &amp; Belagiannis, Ren et al.). TPR@0.1%: below 0.1%. For a type, "
+    "negatives are the N rows and other types are left out; P@K ranks every scored row. "
+    "Rows with no score for a detector (status rows) are left out of its line.</p>")
+
+
 def _metrics(metric_reports: Dict, ks: Sequence[int]) -> str:
   if not metric_reports:
     return ""
@@ -141,14 +208,9 @@ def _metrics(metric_reports: Dict, ks: Sequence[int]) -> str:
     if "error" in rep:
       out.append(f"<p class='missing'>not computed: {_e(rep['error'])}</p>")
       continue
-    rows = []
-    for group, columns in rep["results"].items():
-      for column, r in columns.items():
-        rows.append([group, column, r["n_pos"], r["n_neg"], _num(r["auc"], "{:.3f}"),
-                     _num(r["tpr_at_1pct_fpr"], "{:.3f}")] +
-                    [_num(r["precision_at_k"].get(str(k)), "{:.3f}") for k in ks])
-    out.append(_table(["group", "score", "pos", "neg", "AUC", "TPR@1%FPR"] +
-                      [f"P@{k}" for k in ks], rows, tuple(range(2, 6 + len(ks)))))
+    out.append(_metrics_table(rep["results"], ks))
+  if any("error" not in rep for rep in metric_reports.values()):
+    out.append(_METRICS_NOTE)
   return "".join(out)
 
 

@@ -1,4 +1,5 @@
-"""The report's plots (matplotlib, PNG): score distributions, precision@K, ROC, DCS vs edge.
+"""The report's plots (matplotlib, PNG): score distributions, precision@K, ROC per
+type, the pooled ROC of every detector, DCS vs edge.
 
 Each plot is drawn from label sources (`{"ids": [N] scan ids, "labels": [N]}`,
 e.g. the testbed's planted kinds and verify's labels) and score columns
@@ -13,7 +14,11 @@ from memjax.method import detection
 
 _COLORS = {"MV": "#d62728", "TV": "#9467bd", "RV": "#ff7f0e", "N": "#1f77b4",
            "unique": "#1f77b4", "heldout": "#2ca02c"}
-_NAMES = {"scores": "DCS (whitebox)", "wen": "Wen et al. norm", "edge_scores": "edge score"}
+_NAMES = {"scores": "DCS (whitebox)", "wen": "Wen et al. norm", "edge_scores": "edge score",
+          "wen981": "Wen et al. at t=981", "jeon": "Jeon et al. sharpness",
+          "asthana": "Asthana & Belagiannis", "asthana_norm": "Asthana norm part",
+          "asthana_cos": "Asthana cosine part", "ren_le": "Ren et al. entropy"}
+_PRECISION_COLUMNS = ("scores", "edge_scores", "wen")  # the precision@K plot's lines
 
 
 def _pyplot():
@@ -65,8 +70,8 @@ def _precision(plt, path, labels_by_source, scores, positive):
   styles = {"scores": "-", "edge_scores": "--", "wen": ":"}
   colors = {"planted": "#1f77b4", "verified": "#d62728"}
   for source, data in labels_by_source.items():
-    for col, values in scores.items():
-      labels, s, ids = _joined(data, values)
+    for col in [c for c in _PRECISION_COLUMNS if c in scores]:
+      labels, s, ids = _joined(data, scores[col])
       if len(s):
         curve = precision_curve(labels, s, ids, positive)
         ax.plot(np.arange(1, len(curve) + 1), curve, styles.get(col, "-"),
@@ -86,7 +91,9 @@ def _both_classes(data, positive) -> bool:
   return bool(labels & set(positive)) and bool(labels - set(positive))
 
 
-def _roc(plt, path, labels_by_source, scores, positive) -> bool:
+def _roc_panels(plt, path, labels_by_source, positive, draw, title) -> bool:
+  """One ROC panel per label source with both classes: draw(ax, data) plots the
+  curves and says whether it drew any; title(source) names the panel."""
   labels_by_source = {k: v for k, v in labels_by_source.items() if _both_classes(v, positive)}
   if not labels_by_source:
     return False
@@ -94,6 +101,23 @@ def _roc(plt, path, labels_by_source, scores, positive) -> bool:
                            squeeze=False)
   drawn = False
   for ax, (source, data) in zip(axes[0], labels_by_source.items()):
+    drawn |= draw(ax, data)
+    ax.plot([0, 1], [0, 1], color="#999", lw=0.8)
+    ax.set(xlabel="false positive rate", ylabel="true positive rate")
+    ax.set_title(title(source), fontsize=10)
+    if ax.get_legend_handles_labels()[0]:
+      ax.legend(fontsize=7, loc="lower right")
+  fig.tight_layout()
+  if drawn:
+    fig.savefig(path, dpi=90)
+  plt.close(fig)
+  return drawn
+
+
+def _roc(plt, path, labels_by_source, scores, positive) -> bool:
+  """The ROC of each positive type against N, for the DCS and the edge score."""
+  def draw(ax, data):
+    drawn = False
     for col, style in (("scores", "-"), ("edge_scores", "--")):
       if col not in scores:
         continue
@@ -105,20 +129,29 @@ def _roc(plt, path, labels_by_source, scores, positive) -> bool:
         if pos.any() and negative.any():
           keep = pos | negative
           curve = detection.roc_curve(pos[keep], s[keep])
-          auc = detection.roc_auc(curve)
           ax.plot(curve.fpr, curve.tpr, style, color=_COLORS.get(t),
-                  label=f"{t} {_NAMES[col]} AUC {auc:.3f}")
+                  label=f"{t} {_NAMES[col]} AUC {detection.roc_auc(curve):.3f}")
           drawn = True
-    ax.plot([0, 1], [0, 1], color="#999", lw=0.8)
-    ax.set(title=f"ROC per type ({source} labels)", xlabel="false positive rate",
-           ylabel="true positive rate")
-    if ax.get_legend_handles_labels()[0]:
-      ax.legend(fontsize=7, loc="lower right")
-  fig.tight_layout()
-  if drawn:
-    fig.savefig(path, dpi=90)
-  plt.close(fig)
-  return drawn
+    return drawn
+  return _roc_panels(plt, path, labels_by_source, positive, draw,
+                     lambda source: f"ROC per type ({source} labels)")
+
+
+def _roc_detectors(plt, path, labels_by_source, scores, positive) -> bool:
+  """The pooled ROC (every positive type against N) of every score column."""
+  def draw(ax, data):
+    drawn = False
+    for n, (col, values) in enumerate(scores.items()):
+      labels, s, _ = _joined(data, values)
+      pos = np.isin(np.asarray(labels, object), list(positive))
+      if pos.any() and not pos.all():
+        curve = detection.roc_curve(pos, s)
+        ax.plot(curve.fpr, curve.tpr, "-" if n < 10 else "--", color=f"C{n % 10}",
+                label=f"{_NAMES.get(col, col)} AUC {detection.roc_auc(curve):.3f}")
+        drawn = True
+    return drawn
+  return _roc_panels(plt, path, labels_by_source, positive, draw, lambda source: (
+      f"ROC per detector, pooled {'+'.join(positive)} ({source} labels)"))
 
 
 def _scatter(plt, path, labels_by_source, scores):
@@ -157,6 +190,9 @@ def write_all(out_dir: str, labels_by_source: Dict[str, Dict], scores: Dict[str,
     names += ["score_distributions.png", "precision_at_k.png"]
     if _roc(plt, os.path.join(out_dir, "roc.png"), labels_by_source, scores, positive):
       names.append("roc.png")
+    if _roc_detectors(plt, os.path.join(out_dir, "roc_detectors.png"), labels_by_source,
+                      scores, positive):
+      names.append("roc_detectors.png")
   elif scores:  # no labels: the distribution of the scores alone
     col = "scores" if "scores" in scores else next(iter(scores))
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
