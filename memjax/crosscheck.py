@@ -17,7 +17,7 @@ from memjax.stages import crosscheck
 OPTIONS = options.common("model", *options.MODEL_FILE, "prompts", "workdir") + [
     Opt("n", "Number of captions to cross-check."),
 ] + options.common("prompt_column", "csv_delimiter", "seeds", "guidance_scale", "dtype",
-                   "attention", "noise", "batch_size") + [
+                   "attention", "noise", "batch_size", "detectors", "ren_layer") + [
     Opt("blackbox", "Also compare the one-step images (4 seeds unless --seeds names 2 or "
         "more) and their edge scores."),
 ]

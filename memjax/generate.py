@@ -2,6 +2,7 @@
 
     python -m memjax.generate --model=DIR --prompts=FILE_OR_WORKDIR --workdir=DIR \\
         [--sampler=heun|ddim] [--steps=32] [--seeds=0,1,2,3] [--top_k=N]
+        [--detectors=wen_steps,bright_ending --wen_steps=50]  (with --sampler=ddim)
 
 docs/method.md section 4. Given a workdir as --prompts, its blackbox's top K by
 `edge_scores` (else its scan's by `scores`) are regenerated. Results in
@@ -25,6 +26,11 @@ OPTIONS = options.common(
         Opt("steps", "Sampler steps (Heun: 2 * steps - 1 UNet calls)."),
         Opt("sigma_interpolation", "Heun's sigmas: linear (diffusers' LMS list, the "
             "reference) or log (k-diffusion's get_sigmas).", choices=("linear", "log")),
+        Opt("detectors", "Multi-step detectors read along each image's DDIM trajectory "
+            "(needs --sampler=ddim), one column each in generated.parquet: wen_steps (Wen "
+            "et al., mean of ||e_c - e_u|| over the first --wen_steps steps), bright_ending "
+            "(Chen et al., the EOS-attention-masked norm over every step); all: both."),
+        Opt("wen_steps", "wen_steps: the number of first DDIM steps averaged."),
     ]
 define, build = command.simple(generate.GenerateConfig, OPTIONS)
 

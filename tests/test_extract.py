@@ -94,7 +94,9 @@ def _value(stage, field, kind, default, d):
       "template_sse_low": 90.0, "template_sse_high": 1100.0, "template_pixel_tol": 0.04,
       "positive": ["MV", "RV"], "k_list": [2, 4], "score_columns": ["scores", "wen"],
       "variant": "fp16", "model_config": d["model_config"], "prediction_type": "v_prediction",
-      "image_size": 64}
+      "image_size": 64, ("scan", "detectors"): ["wen981", "ren_le"],
+      "ren_layer": "down_blocks.0.attentions.0", ("generate", "detectors"): ["wen_steps"],
+      "wen_steps": 3}
   value = special.get((stage, field), special.get(field))
   assert value is not None and value != default, (stage, field, kind, default)
   return value

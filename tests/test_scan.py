@@ -193,7 +193,7 @@ def test_outputs_layout_and_manifest(tiny_sd1, tmp_path):
   top = pq.read_table(folder / "top_k.parquet")
   best = t.sort_by([("scores", "descending")]).slice(0, 4)
   assert top["prompt_id"].to_pylist() == best["prompt_id"].to_pylist()
-  assert set(scan.SCORE_COLUMNS) | {"prompt_id", "caption", "extra"} == set(t.column_names)
+  assert set(scan.BASE_COLUMNS) | {"prompt_id", "caption", "extra"} == set(t.column_names)
   # A rerun of a finished scan does nothing and keeps the figures of the run that did it.
   again, _ = _run(tiny_sd1, _prompts(tmp_path), tmp_path / "w", top_k=4, shard_size=10)
   assert again.resumed_finished and again.runtime["compiles"] == 0
@@ -374,3 +374,27 @@ def test_two_processes_equal_one(tiny_sd1, tmp_path):
   assert manifest.runtime["processes"] == 2 and manifest.counts["scored"] == len(CAPTIONS)
   # Round robin: process 0 did shards 0, 2 (10 rows), process 1 shards 1, 3 (8 rows).
   assert manifest.timings["prompts_this_run"] == 10
+
+
+def test_detectors_add_their_columns_beside_the_dcs(tiny_sd1, tmp_path):
+  """--detectors: one column each, the DCS and its by-products as without them, the
+  detectors and their timesteps in the run identity (another set is refused)."""
+  prompts = _prompts(tmp_path)
+  plain, base = _run(tiny_sd1, prompts, tmp_path / "plain", seeds=(0, 1))
+  m, t = _run(tiny_sd1, prompts, tmp_path / "det", seeds=(0, 1), detectors=("all",),
+              ren_layer="down_blocks.0.attentions.0")
+  for column in ("scores", "wen", "uncond_norm", "align"):
+    np.testing.assert_allclose(t[column].to_numpy(), base[column].to_numpy(), rtol=1e-6)
+  for column in ("wen981", "jeon", "asthana", "asthana_norm", "asthana_cos", "ren_le"):
+    values = t[column].to_numpy()
+    assert values.dtype == np.float32 and np.isfinite(values).all(), column
+  assert 0 < t["ren_le"].to_numpy().max() <= np.log(77) + 1e-5
+  assert m.identity["detectors"] == ["wen981", "jeon", "asthana", "ren_le"]
+  assert m.identity["detector_timesteps"] == [981, 41]
+  assert "detectors" not in plain.identity  # earlier run configs stay resumable
+  with pytest.raises(InputError, match="other settings"):
+    _run(tiny_sd1, prompts, tmp_path / "det", seeds=(0, 1), detectors=("wen981",))
+  with pytest.raises(InputError, match="unknown sharpness"):
+    scan.ScanConfig(model="m", prompts="p", workdir="w", detectors=("sharpness",))
+  with pytest.raises(InputError, match="no such cross-attention layer"):
+    _run(tiny_sd1, prompts, tmp_path / "ren", detectors=("ren_le",))  # SD's layer: absent

@@ -64,6 +64,12 @@ COMMON = {o.field: o for o in (
     Opt("overwrite", "Discard a previous run with other settings."),
     Opt("log_interval_s", "Seconds between progress lines."),
     Opt("devices", "Local devices to use (default: all)."),
+    Opt("detectors", "Published one-step detectors beside the DCS, one column each: wen981 "
+        "(Wen et al.), jeon (Jeon et al., a JVP), asthana (Asthana & Belagiannis, with "
+        "asthana_norm and asthana_cos), ren_le (Ren et al.); all: every one. Each at its "
+        "authors' (z, t): t = the first of 50 DDIM steps."),
+    Opt("ren_layer", "The cross-attention ren_le reads (diffusers' name; SD's is "
+        "down_blocks.1.attentions.1)."),
 )}
 
 

@@ -225,7 +225,7 @@ def _heun_update(carry, row, m):
 
 def make_sample_fn(text: Callable, unet: Callable, vae_decode: Callable,
                    plan: SamplerPlan, guidance_scale: float,
-                   vae_scaling_factor: float) -> Callable:
+                   vae_scaling_factor: float, keep_diffs: bool = False) -> Callable:
   """Returns sample(params, input_ids, empty_ids, noise) -> dict (jit it once).
 
   Args (of the returned function):
@@ -238,6 +238,12 @@ def make_sample_fn(text: Callable, unet: Callable, vae_decode: Callable,
 
   `text(p, ids)`, `unet(p, x, t, ctx)` and `vae_decode(p, z)` take raw param
   trees (`StableDiffusion.text_embed`, `.unet_out`, `.vae_decode`).
+
+  keep_diffs (for the trajectory detectors, `memjax.method.trajectory_detectors`):
+  the output also has "diffs" [B, S, E, h, w, c] float32, every evaluation's raw
+  m_c - m_u (E = plan.evaluations), "x_last" [B * S, h, w, c] the UNet input of
+  the last evaluation (model dtype) and "cond" [B * S, 77, D] the prompts'
+  contexts, row b * S + s. Without it the loop is the one it always was.
   """
   update = _ddim_update(plan) if plan.name == "ddim" else _heun_update
   xs = {k: jnp.asarray(v) for k, v in plan.table.items()}
@@ -257,28 +263,43 @@ def make_sample_fn(text: Callable, unet: Callable, vae_decode: Callable,
     z = jnp.broadcast_to(noise[None].astype(jnp.float32), (b, s) + lat).reshape((n,) + lat)
     x = plan.init_scale * z
 
-    def body(carry, row):
-      x_in = (row["c_in"] * carry[0]).astype(ctx.dtype)
-      x_in = jnp.broadcast_to(x_in[:, None], (n, 2) + lat).reshape((2 * n,) + lat)
+    def evaluate(carry, row):
+      x_one = (row["c_in"] * carry[0]).astype(ctx.dtype)
+      x_in = jnp.broadcast_to(x_one[:, None], (n, 2) + lat).reshape((2 * n,) + lat)
       t = jnp.full((2 * n,), row["t"], jnp.float32)
       out = unet(params["unet"], x_in, t, ctx).astype(jnp.float32).reshape((n, 2) + lat)
       m_u, m_c = out[:, 0], out[:, 1]
-      return update(carry, row, m_u + w * (m_c - m_u)), None
+      return update(carry, row, m_u + w * (m_c - m_u)), m_c - m_u, x_one
 
-    carry, _ = jax.lax.scan(body, (x, x, jnp.zeros_like(x)), xs)
+    def body(carry, row):
+      return evaluate(carry, row)[0], None
+
+    def body_kept(carry, row):  # carry = (sampler carry, last UNet input)
+      new, diff, x_one = evaluate(carry[0], row)
+      return (new, x_one), diff
+
+    init = (x, x, jnp.zeros_like(x))
+    if keep_diffs:
+      (carry, x_last), diffs = jax.lax.scan(body_kept, (init, x.astype(ctx.dtype)), xs)
+    else:
+      carry, _ = jax.lax.scan(body, init, xs)
     latents = carry[0]
     img = onestep.decode_images(vae_decode, params["vae"], latents, vae_scaling_factor, ctx.dtype)
-    return {"images": img.reshape((b, s) + img.shape[1:]),
-            "latents": latents.reshape((b, s) + lat)}
+    res = {"images": img.reshape((b, s) + img.shape[1:]),
+           "latents": latents.reshape((b, s) + lat)}
+    if keep_diffs:  # diffs [E, N, ...] -> [B, S, E, ...]
+      res.update(diffs=jnp.moveaxis(diffs, 0, 1).reshape((b, s, diffs.shape[0]) + lat),
+                 x_last=x_last, cond=cond)
+    return res
 
   return sample
 
 
 def sample_fn_for_model(sd, plan: SamplerPlan, guidance_scale: float,
-                        unet: Optional[Callable] = None) -> Callable:
+                        unet: Optional[Callable] = None, keep_diffs: bool = False) -> Callable:
   """`make_sample_fn` bound to a `loading.StableDiffusion`.
 
   unet: optional replacement of `sd.unet_out` (tests count its traces).
   """
   return make_sample_fn(sd.text_embed, unet or sd.unet_out, sd.vae_decode, plan,
-                        guidance_scale, sd.vae_scaling_factor)
+                        guidance_scale, sd.vae_scaling_factor, keep_diffs)

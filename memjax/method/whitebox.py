@@ -96,14 +96,25 @@ def make_score_fn(text: Callable, unet: Callable, schedule: Schedule,
   Returns:
     dict of [B, S] float32 arrays: dcs, wen, uncond_norm, align.
   """
-  c = timestep_constants(schedule, t)
+  from_context = make_context_score_fn(unet, schedule, guidance_scale, t)
 
   def score(text_params, unet_params, input_ids, noise, e_u):
-    ctx = text(text_params, input_ids)
+    return from_context(unet_params, text(text_params, input_ids), noise, e_u)
+
+  return score
+
+
+def make_context_score_fn(unet: Callable, schedule: Schedule, guidance_scale: float,
+                          t: int) -> Callable:
+  """`make_score_fn` from the prompts' text embeddings: score(unet_params, ctx
+  [B, 77, D], noise, e_u), for a step that shares them with other scores."""
+  c = timestep_constants(schedule, t)
+
+  def score(unet_params, ctx, noise, e_u):
     per_seed = []
     for s in range(noise.shape[0]):  # few seeds: unrolled, one UNet batch each
       x_in = jnp.broadcast_to((c["sqrt_one_minus_abar"] * noise[s]).astype(ctx.dtype),
-                              (input_ids.shape[0],) + noise.shape[1:])
+                              (ctx.shape[0],) + noise.shape[1:])
       e_c = model_eps(unet, unet_params, x_in, t, ctx, schedule)
       per_seed.append(dcs_statistics(e_u[s], e_c, guidance_scale, c["sigma"]))
     return {k: jnp.stack([p[k] for p in per_seed], axis=1) for k in per_seed[0]}

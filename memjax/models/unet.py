@@ -168,6 +168,15 @@ class UNetConfig:
       return (value,) * len(self.block_out_channels)
     return tuple(value)
 
+  @property
+  def transformer_paths(self) -> Tuple[str, ...]:
+    """Every transformer's path, e.g. "down_blocks_1/attentions_1", in forward order."""
+    k = self.layers_per_block
+    return (tuple(f"down_blocks_{i}/attentions_{j}" for i, t in enumerate(self.down_block_types)
+                  if t == _CROSS_DOWN for j in range(k)) + ("mid_block/attentions_0",) +
+            tuple(f"up_blocks_{i}/attentions_{j}" for i, t in enumerate(self.up_block_types)
+                  if t == _CROSS_UP for j in range(k + 1)))
+
   @classmethod
   def from_dict(cls, d: Mapping[str, Any], source: str) -> "UNetConfig":
     """Builds the config from diffusers' `unet/config.json` contents.
@@ -336,10 +345,14 @@ class UNet2DConditionModel(nn.Module):
   """diffusers `UNet2DConditionModel` (SD1.x / SD2.x family), NHWC.
 
   `init(rng, sample, timesteps, encoder_hidden_states)` creates every parameter.
+  `capture`: (transformer path, mode) pairs whose cross-attention (attn2) sows its
+  softmax probabilities into "intermediates" (`unet_blocks.CAPTURE_MODES`; read them
+  with `unet_blocks.read_capture`).
   """
   config: UNetConfig
   dtype: Any = jnp.float32
   attention: Optional[str] = None  # the attention kernel (`attention.multi_head_attention`)
+  capture: Tuple[Tuple[str, str], ...] = ()
 
   @nn.compact
   def __call__(self, sample: jax.Array, timesteps: Union[jax.Array, int, float],
@@ -360,6 +373,7 @@ class UNet2DConditionModel(nn.Module):
     common = dict(groups=cfg.norm_num_groups, eps=cfg.norm_eps,
                   use_linear_projection=cfg.use_linear_projection, dtype=dt,
                   attention=self.attention)
+    cap = blocks.split_capture(self.capture, cfg.transformer_paths)
     b = sample.shape[0]
     x = sample.astype(dt)
     if cfg.center_input_sample:
@@ -378,11 +392,13 @@ class UNet2DConditionModel(nn.Module):
       x, res = blocks.DownBlock(
           chans[i], cfg.layers_per_block, heads[i] if kind == _CROSS_DOWN else None,
           add_downsample=i < n - 1, downsample_padding=cfg.downsample_padding,
-          name=f"down_blocks_{i}", **common)(x, emb, context)
+          capture=cap.get(f"down_blocks_{i}", ()), name=f"down_blocks_{i}", **common)(
+              x, emb, context)
       skips.extend(res)
 
     x = blocks.MidBlock2DCrossAttn(heads[-1], output_scale_factor=cfg.mid_block_scale_factor,
-                                   name="mid_block", **common)(x, emb, context)
+                                   capture=cap.get("mid_block", ()), name="mid_block",
+                                   **common)(x, emb, context)
 
     rev_chans, rev_heads = chans[::-1], heads[::-1]
     for i, kind in enumerate(cfg.up_block_types):
@@ -393,8 +409,8 @@ class UNet2DConditionModel(nn.Module):
       size = tuple(skips[-1].shape[1:3]) if i < n - 1 else None
       x = blocks.UpBlock(
           rev_chans[i], rev_heads[i] if kind == _CROSS_UP else None,
-          add_upsample=i < n - 1, name=f"up_blocks_{i}", **common)(
-              x, res, emb, context, size)
+          add_upsample=i < n - 1, capture=cap.get(f"up_blocks_{i}", ()),
+          name=f"up_blocks_{i}", **common)(x, res, emb, context, size)
 
     x = nn.silu(blocks.group_norm(x, cfg.norm_num_groups, cfg.norm_eps, "conv_norm_out"))
     return blocks.conv(cfg.out_channels, 3, "conv_out", dt)(x)

@@ -11,9 +11,11 @@ and `UNetMidBlock2DCrossAttn` blocks (unets/unet_2d_blocks.py). Which settings
 are allowed is decided by `memjax.models.unet.UNetConfig.from_dict`.
 
 Norms compute in float32 and cast back, so bfloat16 runs keep float32 statistics.
+A captured cross-attention (`capture`, `CAPTURE_MODES`) sows its probabilities;
+with no capture the traced program is the same as without the feature.
 """
 import math
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
@@ -27,6 +29,10 @@ from memjax.models.attention import multi_head_attention
 # UNet does not pass one).
 _TRANSFORMER_GROUP_NORM_EPS = 1e-6
 _LAYER_NORM_EPS = 1e-5
+# Sown by a captured attn2, float32: "query_mean" [B, heads, Lk] (the probabilities
+# averaged over the query pixels), "head_mean" [B, Lq, Lk] (averaged over heads).
+CAPTURE_MODES = ("query_mean", "head_mean")
+Capture = Tuple[Tuple[str, str], ...]  # (attentions_j, mode) pairs of a block
 
 
 def group_norm(x: jax.Array, groups: int, eps: float, name: str) -> jax.Array:
@@ -131,12 +137,14 @@ class Attention(nn.Module):
   heads * head_dim. Logits and softmax always run in float32 inside
   `multi_head_attention`, which is what SD2's `upcast_attention=True` asks for
   (diffusers' default SDPA processor ignores the flag; only its classic processor
-  reads it), so the flag needs no code here.
+  reads it), so the flag needs no code here. With `capture` (modes of
+  CAPTURE_MODES) the probabilities are computed explicitly and sown.
   """
   heads: int
   head_dim: int
   dtype: Any = jnp.float32
   attention: Optional[str] = None  # the kernel (`attention.multi_head_attention`)
+  capture: Tuple[str, ...] = ()
 
   @nn.compact
   def __call__(self, x: jax.Array, context: Optional[jax.Array] = None) -> jax.Array:
@@ -145,8 +153,23 @@ class Attention(nn.Module):
     q = nn.Dense(inner, use_bias=False, dtype=self.dtype, name="to_q")(x)
     k = nn.Dense(inner, use_bias=False, dtype=self.dtype, name="to_k")(context)
     v = nn.Dense(inner, use_bias=False, dtype=self.dtype, name="to_v")(context)
-    o = multi_head_attention(q, k, v, num_heads=self.heads, kernel=self.attention)
+    if self.capture:
+      o = self._explicit(q, k, v)
+    else:
+      o = multi_head_attention(q, k, v, num_heads=self.heads, kernel=self.attention)
     return nn.Dense(x.shape[-1], dtype=self.dtype, name="to_out_0")(o)
+
+  def _explicit(self, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """softmax(q k^T / sqrt(D)) v in float32, sowing the probabilities' reductions."""
+    (b, lq, _), lk, h, d = q.shape, k.shape[1], self.heads, self.head_dim
+    f32 = jnp.float32
+    qh = q.astype(f32).reshape(b, lq, h, d) * d ** -0.5
+    p = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", qh, k.astype(f32).reshape(b, lk, h, d)),
+                       axis=-1)
+    for mode in self.capture:  # checked by split_capture
+      self.sow("intermediates", mode, p.mean(axis=2 if mode == "query_mean" else 1))
+    o = jnp.einsum("bhqk,bkhd->bqhd", p, v.astype(f32).reshape(b, lk, h, d))
+    return o.reshape(b, lq, h * d).astype(q.dtype)
 
 
 class GEGLU(nn.Module):
@@ -173,18 +196,19 @@ class FeedForward(nn.Module):
 
 
 class BasicTransformerBlock(nn.Module):
-  """Pre-LayerNorm self-attention, cross-attention, GEGLU feed-forward: [B, L, D]."""
+  """Pre-LayerNorm self-, cross- (attn2, sowing `capture`) attention, GEGLU: [B, L, D]."""
   heads: int
   head_dim: int
   dtype: Any = jnp.float32
   attention: Optional[str] = None
+  capture: Tuple[str, ...] = ()
 
   @nn.compact
   def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
     x = x + Attention(self.heads, self.head_dim, self.dtype, self.attention, name="attn1")(
         layer_norm(x, "norm1"))
-    x = x + Attention(self.heads, self.head_dim, self.dtype, self.attention, name="attn2")(
-        layer_norm(x, "norm2"), context)
+    x = x + Attention(self.heads, self.head_dim, self.dtype, self.attention, self.capture,
+                      name="attn2")(layer_norm(x, "norm2"), context)
     return x + FeedForward(self.dtype, name="ff")(layer_norm(x, "norm3"))
 
 
@@ -194,13 +218,14 @@ class Transformer2DModel(nn.Module):
   [B, H, W, C], context [B, L, Cctx] -> [B, H, W, C]. proj_in / proj_out are
   1 x 1 convs (SD1) or, with `use_linear_projection` (SD2), Linear layers applied
   after flattening the positions; both are the same map, only the weight layout
-  differs.
+  differs. `capture`: the modes its cross-attention sows.
   """
   heads: int
   groups: int
   use_linear_projection: bool
   dtype: Any = jnp.float32
   attention: Optional[str] = None
+  capture: Tuple[str, ...] = ()
 
   @nn.compact
   def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
@@ -212,7 +237,7 @@ class Transformer2DModel(nn.Module):
       h = nn.Dense(inner, dtype=self.dtype, name="proj_in")(h.reshape(b, hh * ww, c))
     else:
       h = conv(inner, 1, "proj_in", self.dtype)(h).reshape(b, hh * ww, inner)
-    h = BasicTransformerBlock(self.heads, head_dim, self.dtype, self.attention,
+    h = BasicTransformerBlock(self.heads, head_dim, self.dtype, self.attention, self.capture,
                               name="transformer_blocks_0")(h, context)
     if self.use_linear_projection:
       h = nn.Dense(c, dtype=self.dtype, name="proj_out")(h).reshape(b, hh, ww, c)
@@ -264,6 +289,38 @@ class Upsample2D(nn.Module):
     return conv(x.shape[-1], 3, "conv", self.dtype)(x)
 
 
+def split_capture(capture: Sequence[Tuple[str, str]],
+                  paths: Sequence[str]) -> Dict[str, Capture]:
+  """A UNet's (transformer path, mode) pairs as {block: ((attentions_j, mode), ...)};
+  ValueError for a path not in `paths` (the UNet's transformers) or an unknown mode."""
+  out: Dict[str, Capture] = {}
+  for path, mode in dict.fromkeys(tuple(c) for c in capture):
+    if path not in paths or mode not in CAPTURE_MODES:
+      raise ValueError(f"cannot capture {mode!r} at {path!r}: the modes are "
+                       f"{', '.join(CAPTURE_MODES)}; the UNet's transformers "
+                       f"{', '.join(paths)}")
+    block, attn = path.split("/")
+    out[block] = out.get(block, ()) + ((attn, mode),)
+  return out
+
+
+def read_capture(intermediates, capture: Sequence[Tuple[str, str]]) -> Dict[str, Dict]:
+  """{transformer path: {mode: array}} sown by a UNet with `capture`, from the
+  "intermediates" of `apply(..., mutable=["intermediates"])`."""
+  out: Dict[str, Dict] = {}
+  for path, mode in capture:
+    node = intermediates
+    for key in path.split("/") + ["transformer_blocks_0", "attn2"]:
+      node = node[key]
+    out.setdefault(path, {})[mode] = node[mode][0]
+  return out
+
+
+def _modes(capture: Capture, j: int) -> Tuple[str, ...]:
+  """The capture modes of a block's transformer attentions_j."""
+  return tuple(m for a, m in capture if a == f"attentions_{j}")
+
+
 class DownBlock(nn.Module):
   """`CrossAttnDownBlock2D` (heads set) or `DownBlock2D` (heads None).
 
@@ -280,6 +337,7 @@ class DownBlock(nn.Module):
   downsample_padding: int
   dtype: Any = jnp.float32
   attention: Optional[str] = None
+  capture: Capture = ()
 
   @nn.compact
   def __call__(self, x: jax.Array, temb: jax.Array,
@@ -290,7 +348,8 @@ class DownBlock(nn.Module):
                         name=f"resnets_{j}")(x, temb)
       if self.heads is not None:
         x = Transformer2DModel(self.heads, self.groups, self.use_linear_projection,
-                               self.dtype, self.attention, name=f"attentions_{j}")(x, context)
+                               self.dtype, self.attention, _modes(self.capture, j),
+                               name=f"attentions_{j}")(x, context)
       skips.append(x)
     if self.add_downsample:
       x = Downsample2D(self.downsample_padding, self.dtype, name="downsamplers_0")(x)
@@ -313,6 +372,7 @@ class UpBlock(nn.Module):
   use_linear_projection: bool
   dtype: Any = jnp.float32
   attention: Optional[str] = None
+  capture: Capture = ()
 
   @nn.compact
   def __call__(self, x: jax.Array, skips: Sequence[jax.Array], temb: jax.Array,
@@ -324,7 +384,8 @@ class UpBlock(nn.Module):
                         name=f"resnets_{j}")(x, temb)
       if self.heads is not None:
         x = Transformer2DModel(self.heads, self.groups, self.use_linear_projection,
-                               self.dtype, self.attention, name=f"attentions_{j}")(x, context)
+                               self.dtype, self.attention, _modes(self.capture, j),
+                               name=f"attentions_{j}")(x, context)
     if self.add_upsample:
       x = Upsample2D(self.dtype, name="upsamplers_0")(x, upsample_size)
     return x
@@ -343,6 +404,7 @@ class MidBlock2DCrossAttn(nn.Module):
   output_scale_factor: float = 1.0
   dtype: Any = jnp.float32
   attention: Optional[str] = None
+  capture: Capture = ()
 
   @nn.compact
   def __call__(self, x: jax.Array, temb: jax.Array, context: jax.Array) -> jax.Array:
@@ -350,6 +412,7 @@ class MidBlock2DCrossAttn(nn.Module):
     x = ResnetBlock2D(c, self.groups, self.eps, self.output_scale_factor, self.dtype,
                       name="resnets_0")(x, temb)
     x = Transformer2DModel(self.heads, self.groups, self.use_linear_projection,
-                           self.dtype, self.attention, name="attentions_0")(x, context)
+                           self.dtype, self.attention, _modes(self.capture, 0),
+                           name="attentions_0")(x, context)
     return ResnetBlock2D(c, self.groups, self.eps, self.output_scale_factor, self.dtype,
                          name="resnets_1")(x, temb)

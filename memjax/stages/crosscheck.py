@@ -22,6 +22,7 @@ from scipy import stats
 
 from memjax.data import images as images_lib
 from memjax.data import tables
+from memjax.method import detectors as detectors_lib
 from memjax.method import edges
 from memjax.method import noise as noise_lib
 from memjax.method import onestep
@@ -58,9 +59,12 @@ class CrossCheckConfig(common.ModelFileSettings):
   noise: Optional[str] = None
   batch_size: int = 16
   blackbox: bool = False  # also compare the one-step images and edge scores
+  detectors: Sequence[str] = ()  # also compare these one-step detectors ("all": every one)
+  ren_layer: str = scan.REN_LAYER
 
   def __post_init__(self):
     super().__post_init__()
+    self.detectors = list(scan.detector_names(self.detectors))
     checks.at_least(self, 1, "n", "batch_size")
     checks.finite(self, "guidance_scale")
     checks.seeds(self)
@@ -106,6 +110,7 @@ def _verdict(cfg: CrossCheckConfig, c: Dict, n: int) -> Dict:
 def run(cfg: CrossCheckConfig) -> workdir_lib.Manifest:
   """Scores cfg.n prompts with memjax and with PyTorch; returns the manifest
   (its details hold the comparison and the verdict)."""
+  from memjax.testing.torch_detectors import TorchDetectors  # pylint: disable=g-import-not-at-top
   from memjax.testing.torch_reference import TorchWhitebox  # pylint: disable=g-import-not-at-top
   t0 = time.perf_counter()
   folder = workdir_lib.stage_dir(cfg.workdir, STAGE)
@@ -122,10 +127,15 @@ def run(cfg: CrossCheckConfig) -> workdir_lib.Manifest:
       model=cfg.model, prompts=prompts_path, workdir=ours_dir, batch_size=cfg.batch_size,
       guidance_scale=cfg.guidance_scale, dtype=cfg.dtype, attention=cfg.attention,
       noise=noise_path, top_k=TOP_K, overwrite=True, log_interval_s=3600,
-      **common.model_file_fields(cfg)))
+      detectors=cfg.detectors, ren_layer=cfg.ren_layer, **common.model_file_fields(cfg)))
   ours = shards.open_shards(workdir_lib.stage_dir(ours_dir, "scan")).to_table()
   mine = np.array(ours.sort_by("prompt_id")["scores"].to_pylist(), np.float64)
-  ref = TorchWhitebox(cfg.model, cfg.dtype, options=cfg.model_options)
+  if cfg.detectors:
+    ref = TorchDetectors(cfg.model, cfg.dtype, options=cfg.model_options,
+                         ren_layer=f"{cfg.ren_layer}.transformer_blocks.0.attn2",
+                         batch_size=cfg.batch_size)
+  else:
+    ref = TorchWhitebox(cfg.model, cfg.dtype, options=cfg.model_options)
   theirs = np.concatenate([
       ref.score(captions[i:i + cfg.batch_size], z.transpose(0, 3, 1, 2),
                 cfg.guidance_scale)["dcs"].mean(axis=1)
@@ -137,6 +147,11 @@ def run(cfg: CrossCheckConfig) -> workdir_lib.Manifest:
   details = dict(c, n=len(captions), dtype=cfg.dtype, model=os.path.abspath(cfg.model),
                  memjax_compiles=manifest.runtime.get("compiles"), **_verdict(cfg, c,
                                                                               len(captions)))
+  if cfg.detectors:
+    details["detectors"] = _detectors(cfg, ours, captions, z, ref)
+    details["verdict"] += "; " + details["detectors"]["verdict"]
+    if "passed" in details:  # float32: the verdict covers the detectors too
+      details["passed"] = details["passed"] and details["detectors"]["passed"]
   if cfg.blackbox:
     details["blackbox"] = _blackbox(cfg, captions, ref)
     details["verdict"] += "; " + details["blackbox"]["verdict"]
@@ -145,6 +160,39 @@ def run(cfg: CrossCheckConfig) -> workdir_lib.Manifest:
       outputs={"table": workdir_lib.CROSSCHECK_TABLE, "noise": "noise.npy",
                "prompts": "prompts.parquet", "memjax_workdir": "memjax"},
       runtime=distributed.runtime_info(), details=details))
+
+
+def _detectors(cfg: CrossCheckConfig, ours, captions, z, ref) -> Dict:
+  """Each detector column of memjax's scan against the PyTorch restatement
+  (`memjax.testing.torch_detectors`) on the same captions and z (means over seeds).
+
+  The figure is scale-relative, max |ours - theirs| / max |theirs| over the
+  prompts: asthana_cos is a cosine near 0, where a per-prompt ratio means nothing.
+  """
+  theirs = {}
+  for i in range(0, len(captions), cfg.batch_size):
+    part = ref.scores(captions[i:i + cfg.batch_size], z.transpose(0, 3, 1, 2),
+                      jeon="jeon" in cfg.detectors)
+    for k, v in part.items():
+      if k != "ren_attention":
+        theirs.setdefault(k, []).append(v.mean(axis=1))
+  table = ours.sort_by("prompt_id")
+  out, worst = {"columns": {}}, 0.0
+  for column in detectors_lib.columns(cfg.detectors):
+    a = np.array(table[column].to_pylist(), np.float64)
+    b = np.concatenate(theirs[column])
+    c = compare(a, b)
+    c.pop("rel")
+    c["scale_rel_diff"] = float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+    worst = max(worst, c["scale_rel_diff"])
+    out["columns"][column] = c
+  ok = worst <= FP32_MAX_REL_DIFF
+  out["passed"] = bool(ok) if cfg.dtype == "float32" else None
+  shown = ", ".join(f"{k} {v['scale_rel_diff']:.1e}" for k, v in out["columns"].items())
+  out["verdict"] = (f"detectors {'PASS' if ok else 'FAIL'} (max|diff|/max|ref| <= "
+                    f"{FP32_MAX_REL_DIFF:g}): {shown}" if cfg.dtype == "float32" else
+                    f"detectors REPORT ({cfg.dtype}): {shown}")
+  return out
 
 
 def _blackbox(cfg: CrossCheckConfig, captions, ref) -> Dict:

@@ -7,16 +7,25 @@ seeds), `n_tokens`, `truncated`, `status` (rows with an empty, null or non-text
 caption are kept with null scores and their status); `top_k.parquet` and
 `manifest.json` (`memjax.runtime.workdir`). A rerun of the same command resumes; a
 rerun with other settings is refused unless `overwrite`.
+
+`detectors` adds the published one-step detectors (docs/method.md section 10,
+`memjax.method.detectors`): one column each (means over seeds), computed in the
+same jitted step as the DCS, sharing its text encoder pass, each seed's
+unconditional passes, and one conditional forward at their (z, t).
 """
 import dataclasses
 import time
 from typing import Optional, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pyarrow as pa
 
+from memjax.method import detectors as detectors_lib
 from memjax.method import noise as noise_lib
 from memjax.method import whitebox
+from memjax.models import convert
 from memjax.runtime import distributed
 from memjax.runtime import engine
 from memjax.runtime import shards
@@ -27,8 +36,13 @@ from memjax.stages import common
 
 STAGE = "scan"
 NONFINITE = "nonfinite_score"  # a NaN or infinite DCS (a broken model, noise or w)
-SCORE_COLUMNS = ("scores", "scores_per_seed", "wen", "uncond_norm", "align", "n_tokens",
-                 "truncated", "status")
+# Written by every scan; the detectors' columns only when asked for; all of them
+# reserved (an input column of the same name is renamed on the way in).
+BASE_COLUMNS = ("scores", "scores_per_seed", "wen", "uncond_norm", "align", "n_tokens",
+                "truncated", "status")
+SCORE_COLUMNS = BASE_COLUMNS + detectors_lib.columns(detectors_lib.ONE_STEP)
+# Ren et al.'s layer as diffusers names it (SD's 32 x 32 cross-attention).
+REN_LAYER = "down_blocks.1.attentions.1"
 
 
 @dataclasses.dataclass
@@ -40,25 +54,70 @@ class ScanConfig(common.ModelStageSettings):
   batch_size: int = 32
   seeds: Sequence[int] = (0,)
   shard_size: int = 4096
+  detectors: Sequence[str] = ()  # one-step detectors beside the DCS; "all": every one
+  ren_layer: str = REN_LAYER
 
+  def __post_init__(self):
+    super().__post_init__()
+    self.detectors = list(detector_names(self.detectors))
+
+
+def detector_names(names: Sequence[str]) -> tuple:
+  """--detectors: names of `detectors_lib.ONE_STEP` (in its order), or `all`."""
+  names = list(names or ())
+  if "all" in names:
+    names = [n for n in names if n != "all"] + list(detectors_lib.ONE_STEP)
+  unknown = sorted(set(names) - set(detectors_lib.ONE_STEP))
+  if unknown:
+    raise InputError(f"--detectors: unknown {', '.join(unknown)} (choose from "
+                     f"{', '.join(detectors_lib.ONE_STEP)}, or all)")
+  return tuple(n for n in detectors_lib.ONE_STEP if n in names)
+
+
+def ren_path(layer: str) -> str:
+  """`down_blocks.1.attentions.1` (diffusers' name) -> memjax's Flax path."""
+  return "/".join(convert.torch_key_to_path(layer + ".x")[:-1])
 
 def make_step(sd, noise: np.ndarray, guidance_scale: float, batch_size: int,
-              mesh) -> engine.BoundStep:
-  """The scan's jitted step: token ids [B, 77] -> {dcs, wen, uncond_norm, align}
-  [B, S], bound to the model, the start noise [S, h, w, c] and e_u."""
+              mesh, detectors: Sequence[str] = (), ren_layer: str = REN_LAYER
+              ) -> engine.BoundStep:
+  """The scan's jitted step: token ids [B, 77] -> {dcs, wen, uncond_norm, align and
+  each detector's columns} [B, S], bound to the model, the start noise [S, h, w, c],
+  e_u and the detectors' per-seed unconditional outputs."""
   bound = common.onestep_bound(sd, noise, mesh, ("text_encoder", "unet"))
-  score = whitebox.make_score_fn(sd.text_embed, sd.unet_out, sd.schedule, guidance_scale,
-                                 sd.schedule.last_timestep)
-  return engine.BoundStep(
-      lambda b, ids: score(b["text_encoder"], b["unet"], ids, b["noise"], b["e_u"]),
-      bound, batch_size, mesh, common.empty_ids(sd))
+  score = whitebox.make_context_score_fn(sd.unet_out, sd.schedule, guidance_scale,
+                                         sd.schedule.last_timestep)
+  detect = None
+  if detectors:
+    protocol = detectors_lib.Protocol.from_scheduler(sd.scheduler_config)
+    path = ren_path(ren_layer)
+    if "ren_le" in detectors and path not in sd.unet.config.transformer_paths:
+      raise InputError(f"--ren_layer={ren_layer}: the model has no such cross-attention "
+                       f"layer (it has {', '.join(sd.unet.config.transformer_paths)})")
+    unet, unet_f32, unet_capture = detectors_lib.bind_unet(sd.unet, path)
+    shared = jax.jit(detectors_lib.make_shared_fn(sd.text_embed, unet, protocol, detectors))
+    bound["detector_shared"] = engine.replicate(shared(
+        bound["text_encoder"], bound["unet"], jnp.asarray(common.empty_ids(sd)[None]),
+        bound["noise"]), mesh)
+    detect = detectors_lib.make_detectors_fn(unet, unet_f32, unet_capture, sd.schedule,
+                                             protocol, detectors, ren_layer=path)
+
+  def step(b, ids):
+    ctx = sd.text_embed(b["text_encoder"], ids)
+    out = score(b["unet"], ctx, b["noise"], b["e_u"])
+    if detect is not None:
+      out.update(detect(b["unet"], ctx, b["noise"], b["detector_shared"]))
+    return out
+
+  return engine.BoundStep(step, bound, batch_size, mesh, common.empty_ids(sd))
 
 
-def _output_table(tok: common.Tokenized, stats) -> pa.Table:
+def _output_table(tok: common.Tokenized, stats, detector_columns=()) -> pa.Table:
   """Input columns + prompt_id + caption + score columns; skipped rows get nulls."""
   n, rows = len(tok.valid), tok.rows
   if stats is None:  # no scorable row in this shard
-    stats = {k: np.zeros((0, 1), np.float32) for k in ("dcs", "wen", "uncond_norm", "align")}
+    stats = {k: np.zeros((0, 1), np.float32) for k in ("dcs", "wen", "uncond_norm", "align")
+             + detector_columns}
   mean = lambda k: stats[k].mean(axis=1).astype(np.float32)
   status = list(tok.chunk.status)
   for i in rows[~np.isfinite(stats["dcs"]).all(axis=1)]:  # never ranked, counted apart
@@ -74,6 +133,7 @@ def _output_table(tok: common.Tokenized, stats) -> pa.Table:
       "truncated": common.scatter(n, rows, tok.truncated.astype(bool), pa.bool_()),
       "status": pa.array(status, pa.string()),
   }
+  cols.update({c: common.scatter(n, rows, mean(c), pa.float32()) for c in detector_columns})
   return common.append_columns(tok.chunk.table, cols)
 
 
@@ -89,15 +149,26 @@ def run(cfg: ScanConfig) -> Optional[workdir_lib.Manifest]:
   identity = dict(common.model_identity(cfg), **source.identity,
                   seeds=list(cfg.seeds), guidance_scale=cfg.guidance_scale, noise=noise_digest,
                   shard_size=cfg.shard_size, timestep=sd.schedule.last_timestep)
+  details = {"timestep": sd.schedule.last_timestep, "seeds": list(cfg.seeds)}
+  columns = detectors_lib.columns(cfg.detectors) if cfg.detectors else ()
+  if cfg.detectors:  # recorded only when asked for: earlier runs stay resumable
+    protocol = detectors_lib.Protocol.from_scheduler(sd.scheduler_config)
+    details["detectors"] = identity["detectors"] = list(cfg.detectors)
+    details["detector_timesteps"] = identity["detector_timesteps"] = [
+        protocol.t_first, protocol.t_low]
+    if "ren_le" in cfg.detectors:
+      details["ren_layer"] = identity["ren_layer"] = cfg.ren_layer
   stage = engine.StageRun(cfg.workdir, STAGE, identity, cfg.overwrite, started=t0)
   todo = stage.todo(source.num_rows, cfg.shard_size)
   mesh = distributed.local_mesh(cfg.devices)
   t1 = time.perf_counter()
-  step = make_step(sd, noise, cfg.guidance_scale, common.batch_for(cfg, source.num_rows), mesh)
+  step = make_step(sd, noise, cfg.guidance_scale, common.batch_for(cfg, source.num_rows), mesh,
+                   cfg.detectors, cfg.ren_layer)
   uncond_s = time.perf_counter() - t1
   stats = stage.loop(
       todo, lambda a, b: common.tokenize(source.read(a, b), sd.tokenizer),
-      lambda a, b, tok: _output_table(tok, step.all(tok.ids)), "prompts", cfg.log_interval_s)
+      lambda a, b, tok: _output_table(tok, step.all(tok.ids), columns), "prompts",
+      cfg.log_interval_s)
   if not stage.complete():
     return None
   shards.write_top_k(stage.dir, cfg.top_k, "scores")
@@ -109,7 +180,7 @@ def run(cfg: ScanConfig) -> Optional[workdir_lib.Manifest]:
       rate=engine.rate(stats.rows, stats.seconds), rate_unit="prompts/s",
       outputs={"shards": "part-*.parquet", "top_k": workdir_lib.TOP_K},
       runtime=dict(distributed.runtime_info(mesh, step.compiles), batch_size=step.batch_size),
-      details={"timestep": sd.schedule.last_timestep, "seeds": list(cfg.seeds)},
+      details=details,
       did_work=stats.rows > 0)
   bad = counts["status"].get(NONFINITE, 0)
   if bad and not counts["scored"]:
