@@ -246,7 +246,6 @@ def bind_unet(module, ren_layer: str = REN_LAYER) -> Tuple[Callable, Callable, C
   `make_detectors_fn`: the module as it is, a float32 clone, and a clone capturing
   ren_layer's query-mean attention, returning (raw output, {path: {mode: array}})."""
   f32 = module.clone(dtype=jnp.float32)
-  cap = module.clone(capture=((ren_layer, "query_mean"),))
 
   def unet(params, x, t, ctx):
     return module.apply({"params": params}, x, t, ctx)
@@ -254,8 +253,16 @@ def bind_unet(module, ren_layer: str = REN_LAYER) -> Tuple[Callable, Callable, C
   def unet_f32(params, x, t, ctx):
     return f32.apply({"params": params}, x, t, ctx)
 
+  return unet, unet_f32, capturing(module, ((ren_layer, "query_mean"),))
+
+
+def capturing(module, capture: Sequence[Tuple[str, str]]) -> Callable:
+  """(params, x, t, ctx) -> (raw output, {path: {mode: array}}) of a clone of the
+  `UNet2DConditionModel` with `capture` ((transformer path, mode), ...) on."""
+  cap = module.clone(capture=tuple(tuple(c) for c in capture))
+
   def unet_capture(params, x, t, ctx):
     out, state = cap.apply({"params": params}, x, t, ctx, mutable=["intermediates"])
     return out, unet_blocks.read_capture(state["intermediates"], cap.capture)
 
-  return unet, unet_f32, unet_capture
+  return unet_capture

@@ -29,7 +29,7 @@ from typing import Callable, Dict, Sequence, Tuple
 import jax
 import jax.numpy as jnp
 
-from memjax.models import unet_blocks
+from memjax.method import detectors
 from memjax.runtime.errors import InputError
 
 TRAJECTORY = ("wen_steps", "bright_ending")  # selectable detectors (= their columns)
@@ -96,11 +96,10 @@ def bright_ending_steps(diffs: jax.Array, mask: jax.Array) -> jax.Array:
 def bind_capture(module, paths: Sequence[str]) -> Callable:
   """unet_capture(params, x, t, ctx) -> [head-mean probabilities [B, Lq, 77] of each
   path], a clone of the `UNet2DConditionModel` capturing the paths' attn2."""
-  cap = module.clone(capture=tuple((p, "head_mean") for p in paths))
+  apply = detectors.capturing(module, [(p, "head_mean") for p in paths])
 
   def unet_capture(params, x, t, ctx):
-    _, state = cap.apply({"params": params}, x, t, ctx, mutable=["intermediates"])
-    got = unet_blocks.read_capture(state["intermediates"], cap.capture)
+    got = apply(params, x, t, ctx)[1]
     return [got[p]["head_mean"] for p in paths]
 
   return unet_capture

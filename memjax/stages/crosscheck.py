@@ -129,7 +129,8 @@ def run(cfg: CrossCheckConfig) -> workdir_lib.Manifest:
       noise=noise_path, top_k=TOP_K, overwrite=True, log_interval_s=3600,
       detectors=cfg.detectors, ren_layer=cfg.ren_layer, **common.model_file_fields(cfg)))
   ours = shards.open_shards(workdir_lib.stage_dir(ours_dir, "scan")).to_table()
-  mine = np.array(ours.sort_by("prompt_id")["scores"].to_pylist(), np.float64)
+  ours = ours.sort_by("prompt_id")
+  mine = np.array(ours["scores"].to_pylist(), np.float64)
   if cfg.detectors:
     ref = TorchDetectors(cfg.model, cfg.dtype, options=cfg.model_options,
                          ren_layer=f"{cfg.ren_layer}.transformer_blocks.0.attn2",
@@ -163,7 +164,7 @@ def run(cfg: CrossCheckConfig) -> workdir_lib.Manifest:
 
 
 def _detectors(cfg: CrossCheckConfig, ours, captions, z, ref) -> Dict:
-  """Each detector column of memjax's scan against the PyTorch restatement
+  """Each detector column of memjax's scan (`ours`, by prompt_id) against the PyTorch restatement
   (`memjax.testing.torch_detectors`) on the same captions and z (means over seeds).
 
   The figure is scale-relative, max |ours - theirs| / max |theirs| over the
@@ -176,10 +177,9 @@ def _detectors(cfg: CrossCheckConfig, ours, captions, z, ref) -> Dict:
     for k, v in part.items():
       if k != "ren_attention":
         theirs.setdefault(k, []).append(v.mean(axis=1))
-  table = ours.sort_by("prompt_id")
   out, worst = {"columns": {}}, 0.0
   for column in detectors_lib.columns(cfg.detectors):
-    a = np.array(table[column].to_pylist(), np.float64)
+    a = np.array(ours[column].to_pylist(), np.float64)
     b = np.concatenate(theirs[column])
     c = compare(a, b)
     c.pop("rel")

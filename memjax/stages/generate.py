@@ -92,50 +92,37 @@ def make_step(sd, plan: sampling.SamplerPlan, noise: np.ndarray, guidance_scale:
 
   With detectors: rows [B, 78] (ids, then the EOS index, `_with_eos`) -> (images,
   finite, {detector: [B, S] float32})."""
-  if detectors:
-    return _detector_step(sd, plan, noise, guidance_scale, batch_size, mesh, detectors,
-                          wen_steps)
-  sample = sampling.sample_fn_for_model(sd, plan, guidance_scale)
   empty = common.empty_ids(sd)
   bound = {"params": {k: sd.params[k] for k in ("text_encoder", "unet", "vae")},
            "empty": jnp.asarray(empty), "noise": jnp.asarray(noise)}
+  if detectors:  # the same loop, keeping what the trajectory detectors read
+    sample = sampling.sample_fn_for_model(sd, plan, guidance_scale, keep_diffs=True)
+    capture = None
+    if "bright_ending" in detectors:
+      capture = traj_lib.bind_capture(sd.unet,
+                                      traj_lib.be_paths(sd.unet.config.transformer_paths))
+    traj = traj_lib.make_trajectory_fn(sample, capture, float(plan.table["t"][-1]), detectors,
+                                       wen_steps)
+    run = lambda p, rows, e, z: traj(p, rows[:, :-1], rows[:, -1], e, z)
+    pad = _with_eos(empty[None], np.zeros(1, np.int64))[0]  # the empty prompt: EOS at 1
+  else:
+    run, pad = sampling.sample_fn_for_model(sd, plan, guidance_scale), empty
 
-  def step(b, ids):
-    out = sample(b["params"], ids, b["empty"], b["noise"])
+  def step(b, rows):
+    out = run(b["params"], rows, b["empty"], b["noise"])
     finite = jnp.all(jnp.isfinite(out["latents"]), axis=(2, 3, 4))  # [B, S]
     pixels = jnp.round(out["images"] * 255.0).astype(jnp.uint8)  # numpy_to_pil's rounding
-    return pixels, finite
+    if not detectors:
+      return pixels, finite
+    return pixels, finite, {d: out[d].astype(jnp.float32) for d in detectors}
 
-  return engine.BoundStep(step, bound, batch_size, mesh, empty)
+  return engine.BoundStep(step, bound, batch_size, mesh, pad)
 
 
 def _with_eos(ids: np.ndarray, n_tokens: np.ndarray) -> np.ndarray:
   """[B, 77] ids and each caption's EOS index as one [B, 78] int32 batch."""
   eos = np.asarray(traj_lib.eos_index(np.asarray(n_tokens)), np.int32)
   return np.concatenate([np.asarray(ids, np.int32), eos[:, None]], axis=1)
-
-
-def _detector_step(sd, plan, noise, guidance_scale, batch_size, mesh, detectors,
-                   wen_steps) -> engine.BoundStep:
-  """`make_step` with the trajectory detectors in the same loop."""
-  sample = sampling.sample_fn_for_model(sd, plan, guidance_scale, keep_diffs=True)
-  capture = None
-  if "bright_ending" in detectors:
-    capture = traj_lib.bind_capture(sd.unet, traj_lib.be_paths(sd.unet.config.transformer_paths))
-  traj = traj_lib.make_trajectory_fn(sample, capture, float(plan.table["t"][-1]), detectors,
-                                     wen_steps)
-  empty = common.empty_ids(sd)
-  bound = {"params": {k: sd.params[k] for k in ("text_encoder", "unet", "vae")},
-           "empty": jnp.asarray(empty), "noise": jnp.asarray(noise)}
-
-  def step(b, rows):
-    out = traj(b["params"], rows[:, :-1], rows[:, -1], b["empty"], b["noise"])
-    finite = jnp.all(jnp.isfinite(out["latents"]), axis=(2, 3, 4))  # [B, S]
-    pixels = jnp.round(out["images"] * 255.0).astype(jnp.uint8)  # numpy_to_pil's rounding
-    return pixels, finite, {d: out[d].astype(jnp.float32) for d in detectors}
-
-  pad = _with_eos(empty[None], np.zeros(1, np.int64))[0]  # the empty prompt: EOS at 1
-  return engine.BoundStep(step, bound, batch_size, mesh, pad)
 
 
 def _write_prompt(folder, prompt_id, pixels, finite, seeds) -> List:
