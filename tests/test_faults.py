@@ -279,7 +279,8 @@ def _start_and_stop(stage, w, kw, sig):
            for k, v in kw.items() if v is not True] + [f"--{k}" for k, v in kw.items() if v is True]
   proc = subprocess.Popen([sys.executable, "-m", f"memjax.{stage}", f"--workdir={w}"] + flags,
                           env=ENV, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                          text=True, preexec_fn=_child_signals_as_in_a_shell)
+                          text=True,  # a preexec_fn forks a multithreaded JAX process:
+                          preexec_fn=_child_signals_as_in_a_shell if sig == signal.SIGINT else None)
   _wait_for(str(w / stage), 2, proc)
   proc.send_signal(sig)
   err = proc.communicate(timeout=120)[1]
