@@ -1,6 +1,5 @@
-"""memjax.embed: open_clip image encoder from flags, random or a local checkpoint."""
-import json
-
+"""memjax.data.embed: the Flax CLIP image encoder from flags, random or a local
+checkpoint, checked against open_clip's own (memjax.testing.open_clip_reference)."""
 import numpy as np
 import pytest
 from PIL import Image
@@ -26,7 +25,7 @@ def test_random_embedder_is_normalised_batched_and_deterministic(tiny):
   assert e.shape == (7, tiny.dim) and e.dtype == np.float32
   np.testing.assert_allclose(np.linalg.norm(e, axis=1), 1.0, atol=1e-6)
   # The batch size (3) does not change a row; a second build (another process
-  # building the same random encoder) gives the same vectors.
+  # building the same encoder) gives the same vectors.
   np.testing.assert_allclose(tiny.embed(images[4:5])[0], e[4], atol=1e-6)
   again = embed.load_embedder("random", batch_size=32).embed(images)
   np.testing.assert_allclose(again, e, atol=1e-6)
@@ -35,46 +34,40 @@ def test_random_embedder_is_normalised_batched_and_deterministic(tiny):
   assert tiny.embed([images[0].convert("L"), images[0].convert("RGBA")]).shape == (2, tiny.dim)
 
 
-def test_preprocessing_is_open_clips_eval_transform(tiny):
-  import open_clip  # pylint: disable=g-import-not-at-top
-  _, _, preprocess = open_clip.create_model_and_transforms(
-      embed._TINY_ARCH, pretrained=None, **embed._TINY_KWARGS)
+def test_tiny_encoder_is_open_clips(tiny):
+  """The shipped tiny weights and memjax's transform embed as open_clip does."""
+  from memjax.testing import open_clip_reference  # pylint: disable=g-import-not-at-top
+  ref = open_clip_reference.OpenClipEmbedder(tiny.spec)
   image = _images(1, size=(50, 70))[0]
-  np.testing.assert_array_equal(tiny.transform(image).numpy(), preprocess(image).numpy())
+  np.testing.assert_array_equal(tiny.pixels([image])[0],
+                                ref.transform(image).numpy().transpose(1, 2, 0))
+  images = _images(5)
+  assert np.abs(tiny.embed(images) - ref.embed(images)).max() <= 1e-5
 
 
-def _register_tiny_arch(tmp_path):
-  """A named, tiny open_clip architecture (open_clip reads configs from JSON)."""
-  import open_clip  # pylint: disable=g-import-not-at-top
-  cfg = {"embed_dim": 16,
-         "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 16,
-                        "head_width": 16},
-         "text_cfg": {"context_length": 8, "vocab_size": 50, "width": 16, "heads": 1,
-                      "layers": 1}}
-  path = tmp_path / "memjax-test-tiny.json"
-  path.write_text(json.dumps(cfg))
-  open_clip.add_model_config(str(path))
-  return "memjax-test-tiny"
-
-
-def test_local_checkpoint_loads_those_weights(tmp_path):
+def test_checkpoint_of_a_real_architecture_embeds_as_open_clip(tmp_path):
+  """ViT-B-32 with OpenAI's preprocessing and QuickGELU (the @openai tag), random
+  torch weights saved as open_clip's state dict, read by memjax without torch
+  (.safetensors): the embeddings of open_clip loading the same file."""
   import open_clip  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
-  arch = _register_tiny_arch(tmp_path)
+  from memjax.models import checkpoint  # pylint: disable=g-import-not-at-top
+  from memjax.testing import open_clip_reference  # pylint: disable=g-import-not-at-top
   torch.manual_seed(123)
-  model = open_clip.create_model(arch, pretrained=None)
-  ckpt = tmp_path / "weights.pt"
-  torch.save(model.state_dict(), ckpt)
-  e = embed.load_embedder(arch, str(ckpt))
-  images = _images(4)
-  x = torch.stack([e.transform(im) for im in images])
-  with torch.no_grad():
-    want = model.visual(x).numpy()
-  want /= np.linalg.norm(want, axis=1, keepdims=True)
-  np.testing.assert_allclose(e.embed(images), want, atol=1e-5)
-  assert e.identity["checkpoint"].startswith("sha256:")  # the file's content
+  model = open_clip.create_model("ViT-B-32", pretrained=None, force_quick_gelu=True)
+  ckpt = str(tmp_path / "open_clip_model.safetensors")
+  checkpoint.write_safetensors(ckpt, {k: v.numpy() for k, v in model.state_dict().items()})
+  del model
+  e = embed.load_embedder("ViT-B-32@openai", ckpt, batch_size=4)
+  assert e.identity["quick_gelu"] and e.identity["checkpoint"].split(":")[0] in ("sha256", "sampled")
+  images = _images(4, size=(300, 200))
+  want = open_clip_reference.OpenClipEmbedder(e.spec).embed(images)
+  got = e.embed(images)
+  rel = np.abs(got - want).max() / np.abs(want).max()
+  print(f"\nViT-B-32@openai, checkpoint-loaded: relative max diff {rel:.2e}")
+  assert rel <= 1e-4
   # The same architecture with random weights embeds differently.
-  assert np.abs(embed.load_embedder(f"random:{arch}").embed(images) - want).max() > 1e-2
+  assert np.abs(embed.load_embedder("random:ViT-B-32").embed(images) - want).max() > 1e-2
 
 
 def test_clear_errors(tmp_path):
@@ -83,20 +76,21 @@ def test_clear_errors(tmp_path):
   missing = str(tmp_path / "open_clip_pytorch_model.bin")
   with pytest.raises(InputError, match="open_clip_pytorch_model.bin: file does not exist"):
     embed.parse_embedder("ViT-L-14@openai", missing)
-  with pytest.raises(InputError, match="unknown open_clip architecture 'ViT-Nope'"):
+  with pytest.raises(InputError, match="unknown CLIP architecture 'ViT-Nope'"):
     embed.parse_embedder("ViT-Nope", missing)
-  with pytest.raises(InputError, match="no tag 'nope'"):
+  with pytest.raises(InputError, match="no pretrained tag 'nope'"):
     embed.parse_embedder("ViT-L-14@nope", missing)
   with pytest.raises(InputError, match="random weights"):
     embed.parse_embedder("random", missing)
+  with pytest.raises(InputError, match="unknown CLIP architecture 'tiny'"):
+    embed.parse_embedder("tiny", missing)
   spec = embed.parse_embedder("ViT-L-14@openai", __file__)  # any existing file passes parsing
-  assert spec.arch == "ViT-L-14" and spec.tag == "openai"
+  assert spec.arch == "ViT-L-14" and spec.tag == "openai" and spec.config().quick_gelu
 
 
 def test_checkpoint_of_another_architecture_is_a_checkpoint_error(tmp_path):
-  import torch  # pylint: disable=g-import-not-at-top
-  arch = _register_tiny_arch(tmp_path)
-  ckpt = tmp_path / "other.pt"
-  torch.save({"visual.proj": torch.zeros(3, 3)}, ckpt)
-  with pytest.raises(CheckpointError, match="other.pt"):
-    embed.load_embedder(arch, str(ckpt))
+  ckpt = str(tmp_path / "other.safetensors")
+  import shutil  # pylint: disable=g-import-not-at-top
+  shutil.copy(embed.TINY_WEIGHTS, ckpt)  # the tiny encoder's weights, named ViT-B-32
+  with pytest.raises(CheckpointError, match="other.safetensors"):
+    embed.load_embedder("ViT-B-32", ckpt)

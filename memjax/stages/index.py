@@ -3,7 +3,7 @@
 `images` is a table (parquet, jsonl, csv, tsv) with `url` and/or `image_path` (a
 path relative to the table's folder, absolute, file:// or http(s)://),
 `caption` and optionally `index` (the image's id in its training set; default:
-row number). Each image is embedded with the open_clip encoder of `embedder`
+row number). Each image is embedded with the CLIP image encoder of `embedder`
 (`memjax.data.embed`), L2-normalised. A missing or unreadable image is recorded
 with its status and error and is not embedded (never as black).
 
