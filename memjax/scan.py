@@ -17,7 +17,7 @@ OPTIONS = options.common(
     "model", *options.MODEL_FILE, "prompts", "workdir",
     "prompt_column", "csv_delimiter", "batch_size", "seeds",
     "guidance_scale", "dtype", "attention", "noise", "max_prompts", "top_k", "shard_size",
-    "overwrite", "log_interval_s", "devices", "detectors", "ren_layer")
+    "overwrite", "log_interval_s", "devices", *options.DETECTORS)
 define, build = command.simple(scan.ScanConfig, OPTIONS)
 
 

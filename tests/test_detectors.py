@@ -259,3 +259,71 @@ def test_jeon_runs_in_float32_for_a_bfloat16_model():
 
   walk(jaxpr.jaxpr)
   assert dtypes == {"float32"}
+
+
+def test_noise_plan():
+  authors = det.noise_plan(det.ONE_STEP, "authors", n_shared=1)
+  assert authors == {"wen981": ("per_prompt", 4), "jeon": ("shared", 1),
+                     "asthana": ("shared", 1), "ren_le": ("per_prompt", 1)}
+  assert det.plan_noise(authors, det.PER_PROMPT) == 4
+  assert det.plan_noise(authors, det.SHARED) == 1
+  assert det.noise_plan(["ren_le", "jeon"], "shared", 3) == {"jeon": ("shared", 3),
+                                                             "ren_le": ("shared", 3)}
+  assert det.noise_plan(["wen981"], "authors", 1, generations=2) == {
+      "wen981": ("per_prompt", 2)}
+  assert det.plan_noise(det.noise_plan(["jeon"], "authors", 1), det.PER_PROMPT) == 0
+  with pytest.raises(det.ConfigError, match="jeon on shared noise needs 2 generations"):
+    det.noise_plan(["jeon", "wen981"], "authors", 1, generations=2)
+  with pytest.raises(det.ConfigError, match="unknown detector protocol"):
+    det.noise_plan(["jeon"], "wen", 1)
+
+
+def test_per_prompt_noise_is_each_prompts_own(sd1):
+  """The authors' protocol: wen981 and ren_le on each prompt's own z (generations
+  averaged by the caller), jeon and asthana on the first shared z; each prompt's
+  values equal a run of that prompt alone with its own z as the shared noise."""
+  ids, empty, noise = sd1.inputs()
+  prompt_noise = jnp.asarray(np.random.default_rng(7).standard_normal(
+      (_B, 3) + noise.shape[1:]), jnp.float32)
+  plan = det.noise_plan(det.ONE_STEP, "authors", noise.shape[0], generations=0)
+  plan.update(wen981=("per_prompt", 3), ren_le=("per_prompt", 2))
+  shared = jax.jit(det.make_shared_fn(sd1.text, sd1.fns[0], sd1.protocol, det.ONE_STEP, plan))(
+      sd1.text_params, sd1.params, empty, noise)
+  assert "ctx_u" in shared and shared["u_first"].shape[0] == 1  # one shared generation
+  detect = det.make_detectors_fn(*sd1.fns, sd1.schedule, sd1.protocol, det.ONE_STEP, plan=plan)
+  ctx = jax.jit(sd1.text)(sd1.text_params, ids)
+  got = jax.jit(detect)(sd1.params, ctx, noise, shared, prompt_noise)
+  assert got["wen981"].shape == (_B, 3) and got["ren_le"].shape == (_B, 2)
+  assert got["jeon"].shape == got["asthana_cos"].shape == (_B, 1)
+  on_shared = sd1.run(det.ONE_STEP, ids, empty, noise[:1])
+  for c in ("jeon", "asthana", "asthana_norm", "asthana_cos"):
+    assert _rel(got[c], on_shared[c]) <= 1e-5, c
+  for i in range(_B):
+    alone = sd1.run(("wen981", "ren_le"), ids[i:i + 1], empty, prompt_noise[i])
+    assert _rel(got["wen981"][i], alone["wen981"][0]) <= 1e-5
+    assert _rel(got["ren_le"][i], alone["ren_le"][0, :2]) <= 1e-5
+  with pytest.raises(ValueError, match="need prompt_noise"):
+    jax.jit(detect)(sd1.params, ctx, noise, shared)
+
+
+def test_per_prompt_noises_depend_on_the_prompt_id_only():
+  from memjax.method import noise as noise_lib  # pylint: disable=g-import-not-at-top
+  ids = np.array([0, 1, 7, 2 ** 32 + 7, 2 ** 40 + 1])
+  words = noise_lib.prompt_words(ids)
+  assert words.dtype == np.int32 and words.shape == (5, 2)
+  back = words.view(np.uint32).astype(np.uint64)
+  np.testing.assert_array_equal((back[:, 0] << np.uint64(32)) | back[:, 1], ids)
+  shape = (4, 8, 8)
+  z = np.asarray(noise_lib.per_prompt_noise(3, words, 2, shape))
+  assert z.shape == (5, 2, 8, 8, 4)
+  # The same draws in another batch (jitted, reordered) and for one prompt alone.
+  again = jax.jit(lambda w: noise_lib.per_prompt_noise(3, w, 2, shape))(words[::-1])
+  np.testing.assert_array_equal(np.asarray(again)[::-1], z)
+  key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(3), 0), 7)
+  np.testing.assert_array_equal(z[2], np.asarray(
+      jax.random.normal(key, (2,) + shape)).transpose(0, 2, 3, 1))
+  # Every prompt (7 vs 2**32 + 7 too), generation and seed draws apart.
+  flat = z.reshape(10, -1)
+  assert len({tuple(r[:4]) for r in flat}) == 10
+  other = np.asarray(noise_lib.per_prompt_noise(4, words[:1], 1, shape))
+  assert not np.allclose(other[0, 0], z[0, 0])

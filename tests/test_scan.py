@@ -398,3 +398,32 @@ def test_detectors_add_their_columns_beside_the_dcs(tiny_sd1, tmp_path):
     scan.ScanConfig(model="m", prompts="p", workdir="w", detectors=("sharpness",))
   with pytest.raises(InputError, match="no such cross-attention layer"):
     _run(tiny_sd1, prompts, tmp_path / "ren", detectors=("ren_le",))  # SD's layer: absent
+
+
+def test_detector_protocols(tiny_sd1, tmp_path):
+  """--detector_protocol=authors (the default): wen981 and ren_le on each prompt's
+  own noise, the same whatever the batch and shard; asthana on the first seed's
+  shared z, as a shared-protocol scan of that seed; --detector_seed moves only the
+  per-prompt noise."""
+  prompts = _prompts(tmp_path)
+  kw = dict(detectors=("wen981", "asthana", "ren_le"), ren_layer="down_blocks.0.attentions.0")
+  m, a = _run(tiny_sd1, prompts, tmp_path / "a", seeds=(0, 1), batch_size=3, shard_size=4, **kw)
+  assert m.identity["detector_noise"] == {
+      "wen981": {"noise": "per_prompt", "generations": 4},
+      "asthana": {"noise": "shared", "generations": 1},
+      "ren_le": {"noise": "per_prompt", "generations": 1}}
+  assert m.identity["detector_seed"] == 0
+  _, b = _run(tiny_sd1, prompts, tmp_path / "b", seeds=(0, 1), batch_size=5, **kw)
+  for c in ("scores", "wen981", "asthana", "ren_le"):
+    np.testing.assert_allclose(a[c].to_numpy(), b[c].to_numpy(), rtol=1e-6, err_msg=c)
+  _, shared = _run(tiny_sd1, prompts, tmp_path / "s", seeds=(0,), detector_protocol="shared",
+                   **kw)
+  np.testing.assert_allclose(a["asthana"].to_numpy(), shared["asthana"].to_numpy(), rtol=1e-6)
+  assert not np.allclose(a["wen981"].to_numpy(), shared["wen981"].to_numpy(), rtol=1e-3)
+  _, other = _run(tiny_sd1, prompts, tmp_path / "o", seeds=(0, 1), detector_seed=5, **kw)
+  np.testing.assert_allclose(other["asthana"].to_numpy(), a["asthana"].to_numpy(), rtol=1e-6)
+  assert not np.allclose(other["wen981"].to_numpy(), a["wen981"].to_numpy(), rtol=1e-3)
+  with pytest.raises(InputError, match="asthana on shared noise needs 3 generations"):
+    _run(tiny_sd1, prompts, tmp_path / "g", seeds=(0, 1), detector_generations=3, **kw)
+  with pytest.raises(InputError, match="detector_protocol"):
+    scan.ScanConfig(model="m", prompts="p", workdir="w", detector_protocol="wen")

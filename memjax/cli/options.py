@@ -70,11 +70,23 @@ COMMON = {o.field: o for o in (
         "authors' (z, t): t = the first of 50 DDIM steps."),
     Opt("ren_layer", "The cross-attention ren_le reads (diffusers' name; SD's is "
         "down_blocks.1.attentions.1)."),
+    Opt("detector_protocol", "authors: each detector's noise and generations as its "
+        "authors' code draws them (wen981: 4 per prompt, ren_le: 1 per prompt, jeon and "
+        "asthana: 1 shared by every prompt); shared: every detector on every --seeds' "
+        "shared z (the DCS's protocol; cheaper: one unconditional pass per seed).",
+        choices=("authors", "shared")),
+    Opt("detector_generations", "Generations (start noises) of every detector, replacing "
+        "the protocol's counts (0: the protocol's)."),
+    Opt("detector_seed", "Seed of the per-prompt noises: prompt i's from "
+        "fold_in(PRNGKey(seed), i) (the authors' seed = prompt index + seed)."),
 )}
 
 
 # How every model command reads --model beyond its path (`stages.common.ModelFileSettings`).
 MODEL_FILE = ("variant", "model_config", "prediction_type", "image_size")
+# The one-step detectors' settings (`stages.scan.DetectorSettings`).
+DETECTORS = ("detectors", "ren_layer", "detector_protocol", "detector_generations",
+             "detector_seed")
 
 
 def common(*fields: str) -> List[Opt]:

@@ -18,11 +18,18 @@ v-prediction models); sigma^2 = 1 - abar[t_first].
            down_blocks[1].attentions[1] averaged over heads and query pixels (Ren et al.)
 
 with c1, u1 the raw conditional / unconditional outputs at (z, t_first), c2, u2 at
-(z, t_low), norms L2 over the whole latent of one image, as float32. The
-unconditional outputs depend only on z: `make_shared_fn` computes them once per
-seed, and each prompt then costs one conditional forward at t_first (with the
+(z, t_low), norms L2 over the whole latent of one image, as float32. Each score
+is the mean over the detector's generations (start noises).
+
+Noise (`noise_plan`): under the authors' protocol (AUTHORS) Wen's and Ren's code
+draw a z of their own for every prompt (per_prompt; Wen 4 generations, Ren 1),
+Jeon's and Asthana's one z shared by every prompt (1 generation); under the
+"shared" protocol every detector reads the scan's shared z of every seed. A shared
+z's unconditional outputs depend only on z: `make_shared_fn` computes them once
+per seed, and each prompt then costs one conditional forward at t_first (with the
 attention capture on when ren_le is asked for), one at t_low (asthana) and one JVP
-over the [uncond; cond] pair (jeon).
+over the [uncond; cond] pair (jeon). A per-prompt z has no shared pass: wen981
+costs an unconditional and a conditional forward per prompt and generation.
 
 Everything here is pure: no flags, no I/O; the caller binds and jits it.
 """
@@ -46,6 +53,11 @@ REN_LAYER = "down_blocks_1/attentions_1"  # Ren's "LE" layer (32 x 32 in SD1 at 
 # Asthana's (g1 on the norm, g2 on the cosine) per prediction type (SD1, SD2).
 ASTHANA_GAMMAS = {"epsilon": (1.0, 2.0), "v_prediction": (1.0, 0.1)}
 COSINE_EPS = 1e-8  # torch.nn.functional.cosine_similarity's default
+SHARED, PER_PROMPT = "shared", "per_prompt"
+PROTOCOLS = ("authors", SHARED)  # --detector_protocol
+# The authors' released code: (noise, generations per prompt) of each detector.
+AUTHORS = {"wen981": (PER_PROMPT, 4), "jeon": (SHARED, 1), "asthana": (SHARED, 1),
+           "ren_le": (PER_PROMPT, 1)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +87,28 @@ def check_names(names: Sequence[str]) -> Tuple[str, ...]:
 def columns(names: Sequence[str]) -> Tuple[str, ...]:
   """The output columns of the detectors `names`."""
   return tuple(c for n in check_names(names) for c in COLUMNS[n])
+
+
+def noise_plan(names: Sequence[str], protocol: str, n_shared: int,
+               generations: int = 0) -> Dict[str, Tuple[str, int]]:
+  """detector -> (noise, generations): AUTHORS under "authors", else (SHARED,
+  n_shared); `generations` > 0 replaces every count. ConfigError when a detector
+  on shared noise needs more generations than the n_shared start noises."""
+  if protocol not in PROTOCOLS:
+    raise ConfigError(f"unknown detector protocol '{protocol}' (use {', '.join(PROTOCOLS)})")
+  plan = {}
+  for name in check_names(names):
+    kind, count = AUTHORS[name] if protocol == "authors" else (SHARED, n_shared)
+    plan[name] = (kind, int(generations) or count)
+    if kind == SHARED and plan[name][1] > n_shared:
+      raise ConfigError(f"{name} on shared noise needs {plan[name][1]} generations, but "
+                        f"there are {n_shared} start noises (seeds)")
+  return plan
+
+
+def plan_noise(plan: Dict[str, Tuple[str, int]], kind: str) -> int:
+  """The number of start noises of `kind` the plan needs (0: none)."""
+  return max([g for k, g in plan.values() if k == kind], default=0)
 
 
 def constants(schedule: Schedule, protocol: Protocol) -> Dict[str, float]:
@@ -149,28 +183,38 @@ def jvp_difference(unet_f32: Callable, params, z: jax.Array, ctx_u: jax.Array,
   return tangent[b:] - tangent[:b]
 
 
+def _plan(names: Sequence[str], plan, n_noise: int) -> Dict[str, Tuple[str, int]]:
+  """The plan given, or every detector on all n_noise shared noises."""
+  return dict(plan) if plan else {n: (SHARED, n_noise) for n in check_names(names)}
+
+
 def make_shared_fn(text: Callable, unet: Callable, protocol: Protocol,
-                   names: Sequence[str]) -> Callable:
+                   names: Sequence[str], plan: Optional[Dict] = None) -> Callable:
   """Returns f(text_params, unet_params, empty_ids [1, 77], noise [S, h, w, c]) ->
-  the per-seed unconditional inputs of the detectors `names`:
-    u_first [S, h, w, c] float32 raw output at (z, t_first) (wen981, jeon, asthana),
-    u_low   [S, h, w, c] float32 raw output at (z, t_low) (asthana),
-    ctx_u   [77, D] the empty prompt's context, in the model's dtype (jeon).
+  the unconditional inputs of the detectors `names` (noise per `noise_plan`; None:
+  all shared, every seed), for the first G shared noises G = plan_noise(SHARED):
+    u_first [G, h, w, c] float32 raw output at (z, t_first) (wen981, jeon, asthana),
+    u_low   [G, h, w, c] float32 raw output at (z, t_low) (asthana),
+    ctx_u   [77, D] the empty prompt's context, in the model's dtype (jeon, and
+            wen981 on per-prompt noise).
   (ren_le alone needs none: an empty dict.)
   """
   names = check_names(names)
 
   def shared(text_params, unet_params, empty_ids, noise):
+    p = _plan(names, plan, noise.shape[0])
+    on_shared = {n for n, (kind, _) in p.items() if kind == SHARED} - {"ren_le"}
     out = {}
-    if not set(names) - {"ren_le"}:
+    if not on_shared and p.get("wen981", (SHARED,))[0] == SHARED:
       return out
     ctx = text(text_params, empty_ids)
-    ctx_s = jnp.broadcast_to(ctx, (noise.shape[0],) + ctx.shape[1:])
-    x = noise.astype(ctx.dtype)
-    out["u_first"] = _raw(unet, unet_params, x, protocol.t_first, ctx_s)
-    if "asthana" in names:
-      out["u_low"] = _raw(unet, unet_params, x, protocol.t_low, ctx_s)
-    if "jeon" in names:
+    if on_shared:
+      x = noise[:plan_noise(p, SHARED)].astype(ctx.dtype)
+      ctx_s = jnp.broadcast_to(ctx, (x.shape[0],) + ctx.shape[1:])
+      out["u_first"] = _raw(unet, unet_params, x, protocol.t_first, ctx_s)
+      if "asthana" in on_shared:
+        out["u_low"] = _raw(unet, unet_params, x, protocol.t_low, ctx_s)
+    if "jeon" in on_shared or "wen981" in set(p) - on_shared:
       out["ctx_u"] = ctx[0]
     return out
 
@@ -181,9 +225,11 @@ def make_detectors_fn(unet: Callable, unet_f32: Optional[Callable],
                       unet_capture: Optional[Callable], schedule: Schedule,
                       protocol: Protocol, names: Sequence[str],
                       jvp_precision: Optional[str] = "highest",
-                      ren_layer: str = REN_LAYER) -> Callable:
-  """Returns detect(unet_params, ctx [B, 77, D], noise [S, h, w, c], shared) ->
-  {column: [B, S] float32} for the columns of the detectors `names` (`columns`).
+                      ren_layer: str = REN_LAYER, plan: Optional[Dict] = None) -> Callable:
+  """Returns detect(unet_params, ctx [B, 77, D], noise [S, h, w, c], shared,
+  prompt_noise=None) -> {column: [B, G] float32} for the columns of the detectors
+  `names` (`columns`), G each detector's generations (`noise_plan`; plan None: all
+  on the shared noise, G = S).
 
   Args:
     unet: (params, x, t [B], ctx) -> raw output (`StableDiffusion.unet_out`).
@@ -192,8 +238,12 @@ def make_detectors_fn(unet: Callable, unet_f32: Optional[Callable],
       [B, heads, 77]}}) of a clone capturing ren_layer (ren_le only; `bind_unet`).
     ren_layer: the Flax path of Ren's transformer (REN_LAYER, SD's; a model without
       it, such as a tiny one, names another).
+    plan: `noise_plan`'s detector -> (noise, generations).
   The function's arguments:
-    shared: what `make_shared_fn` returned for the same noise.
+    shared: what `make_shared_fn` returned for the same noise and plan.
+    prompt_noise: [B, G_p, h, w, c] each prompt's own start noises, G_p =
+      plan_noise(plan, PER_PROMPT) (`noise.per_prompt_noise`); None without
+      per-prompt detectors.
   """
   names = check_names(names)
   k = constants(schedule, protocol)
@@ -203,40 +253,58 @@ def make_detectors_fn(unet: Callable, unet_f32: Optional[Callable],
   if "ren_le" in names and unet_capture is None:
     raise ValueError(f"ren_le needs unet_capture, a UNet capturing {ren_layer}")
 
-  def one_seed(params, ctx, z, u_first, u_low, ctx_u) -> Dict[str, jax.Array]:
-    x = jnp.broadcast_to(z.astype(ctx.dtype), (ctx.shape[0],) + z.shape)
+  def one_generation(params, ctx, x, u_first, u_low, ctx_u, some) -> Dict[str, jax.Array]:
+    """The detectors `some` at x [B, h, w, c]; u_first, u_low [B or 1, h, w, c]."""
     t_first = jnp.full((x.shape[0],), protocol.t_first, jnp.int32)
     res = {}
-    if "ren_le" in names:
+    if "ren_le" in some:
       out, captured = unet_capture(params, x, t_first, ctx)
       res["ren_le"] = ren_entropy(captured[ren_layer]["query_mean"])
     else:
       out = unet(params, x, t_first, ctx)
-    if set(names) == {"ren_le"}:
+    if set(some) == {"ren_le"}:
       return res
-    d = out.astype(f32) - u_first[None]
+    if u_first is None:  # per-prompt noise: the unconditional pass of each prompt's z
+      u_first = unet(params, x, t_first, jnp.broadcast_to(ctx_u, ctx.shape)).astype(f32)
+    d = out.astype(f32) - u_first
     norm = _norm(d)
-    if "wen981" in names:
+    if "wen981" in some:
       res["wen981"] = norm
-    if "asthana" in names:
-      u2 = u_low[None]
-      cos = jnp.mean(cosine_similarity(u2, _raw(unet, params, x, protocol.t_low, ctx) - u2),
-                     axis=(1, 2))
+    if "asthana" in some:
+      cos = jnp.mean(cosine_similarity(u_low, _raw(unet, params, x, protocol.t_low, ctx)
+                                       - u_low), axis=(1, 2))
       n = k["asthana_norm"] * norm
       res.update(asthana=k["g1"] * n + k["g2"] * cos, asthana_norm=n, asthana_cos=cos)
-    if "jeon" in names:
+    if "jeon" in some:
       res["jeon"] = k["jeon"] * _norm(jvp_difference(
-          unet_f32, params, z, ctx_u, ctx, d, protocol.t_first, jvp_precision))
+          unet_f32, params, x[0], ctx_u, ctx, d, protocol.t_first, jvp_precision))
     return res
 
-  def detect(unet_params, ctx, noise, shared):
-    # One seed at a time in a loop on the device (lax.map): the UNet, its capture
-    # and the JVP compile once whatever the number of seeds.
-    zeros = jnp.zeros(noise.shape[:1], f32)
-    per_seed = jax.lax.map(
-        lambda a: one_seed(unet_params, ctx, a[0], a[1], a[2], shared.get("ctx_u")),
-        (noise, shared.get("u_first", zeros), shared.get("u_low", zeros)))
-    return {c: per_seed[c].T.astype(f32) for c in columns(names)}  # [S, B] -> [B, S]
+  def detect(unet_params, ctx, noise, shared, prompt_noise=None):
+    # One generation at a time in a loop on the device (lax.map): the UNet, its
+    # capture and the JVP compile once whatever the number of generations.
+    p = _plan(names, plan, noise.shape[0])
+    res = {}
+    on_shared = tuple(n for n in names if p[n][0] == SHARED)
+    if on_shared:
+      g = plan_noise(p, SHARED)
+      zeros = jnp.zeros((g,), f32)
+      res.update(jax.lax.map(
+          lambda a: one_generation(
+              unet_params, ctx, jnp.broadcast_to(a[0].astype(ctx.dtype), (ctx.shape[0],)
+                                                 + a[0].shape),
+              a[1][None], a[2][None], shared.get("ctx_u"), on_shared),
+          (noise[:g], shared.get("u_first", zeros), shared.get("u_low", zeros))))
+    on_prompt = tuple(n for n in names if p[n][0] == PER_PROMPT)
+    if on_prompt:
+      if prompt_noise is None:
+        raise ValueError(f"{', '.join(on_prompt)} on per-prompt noise need prompt_noise")
+      res.update(jax.lax.map(
+          lambda x: one_generation(unet_params, ctx, x.astype(ctx.dtype), None, None,
+                                   shared.get("ctx_u"), on_prompt),
+          jnp.moveaxis(prompt_noise, 1, 0)))
+    # [G, B] -> [B, G], each column its own detector's generations.
+    return {c: res[c][:p[n][1]].T.astype(f32) for n in names for c in COLUMNS[n]}
 
   return detect
 

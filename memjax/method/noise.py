@@ -11,6 +11,7 @@ import os
 from typing import List, Optional, Sequence, Tuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from memjax.runtime.errors import InputError
@@ -103,3 +104,28 @@ def start_noise(path: Optional[str], seeds: Sequence[int],
     return z, f"file:{digest}", list(range(len(z)))
   seeds = check_seeds(seeds)
   return noise_for_seeds(seeds, shape_chw), f"jax.random:{seeds}", seeds
+
+
+def prompt_words(prompt_ids: np.ndarray) -> np.ndarray:
+  """[B] non-negative int64 prompt ids -> [B, 2] int32, their high and low 32 bits
+  (a jitted batch carries them beside the token ids)."""
+  ids = np.asarray(prompt_ids, np.int64).astype(np.uint64)
+  return np.stack([ids >> np.uint64(32), ids & np.uint64(0xFFFFFFFF)],
+                  axis=1).astype(np.uint32).view(np.int32)
+
+
+def per_prompt_noise(seed: int, words, generations: int,
+                     shape_chw: Tuple[int, int, int]) -> jax.Array:
+  """Each prompt's own start noises (the authors' per-prompt seeds of Wen et al. and
+  Ren et al.), jittable: [B, 2] `prompt_words` -> [B, G, H, W, C] float32, prompt i's
+  G draws = `jax.random.normal(fold_in(fold_in(PRNGKey(seed), hi_i), lo_i), [G, C,
+  H, W])` moved to NHWC, the same for a prompt id in any batch, shard or process."""
+  base = jax.random.PRNGKey(check_seed(seed, "--detector_seed"))
+
+  def one(w):
+    w = jax.lax.bitcast_convert_type(w, jnp.uint32)
+    key = jax.random.fold_in(jax.random.fold_in(base, w[0]), w[1])
+    z = jax.random.normal(key, (generations,) + tuple(shape_chw), jnp.float32)
+    return z.transpose(0, 2, 3, 1)
+
+  return jax.vmap(one)(jnp.asarray(words))

@@ -26,11 +26,13 @@ from memjax.method import detectors as detectors_lib
 from memjax.method import noise as noise_lib
 from memjax.method import whitebox
 from memjax.models import convert
+from memjax.runtime import checks
 from memjax.runtime import distributed
 from memjax.runtime import engine
 from memjax.runtime import shards
 from memjax.runtime import sources
 from memjax.runtime import workdir as workdir_lib
+from memjax.runtime.errors import ConfigError
 from memjax.runtime.errors import InputError
 from memjax.stages import common
 
@@ -45,8 +47,38 @@ SCORE_COLUMNS = BASE_COLUMNS + detectors_lib.columns(detectors_lib.ONE_STEP)
 REN_LAYER = "down_blocks.1.attentions.1"
 
 
+@dataclasses.dataclass(kw_only=True)
+class DetectorSettings:
+  """The one-step detectors' settings (the scan's and the cross-check's flags)."""
+  detectors: Sequence[str] = ()  # one-step detectors beside the DCS; "all": every one
+  ren_layer: str = REN_LAYER
+  detector_protocol: str = "authors"  # each detector's own noise and generations, or "shared"
+  detector_generations: int = 0  # > 0: this many generations for every detector
+  detector_seed: int = 0  # the seed of the per-prompt noises
+
+  def check_detectors(self, parse_names=None):
+    """Checks the settings; `parse_names` reads --detectors (the scan's: one-step)."""
+    self.detectors = list((parse_names or detector_names)(self.detectors))
+    checks.one_of(self, "detector_protocol", detectors_lib.PROTOCOLS)
+    checks.at_least(self, 0, "detector_generations")
+    self.detector_seed = noise_lib.check_seed(self.detector_seed, "--detector_seed")
+
+  def noise_plan(self, n_shared: int) -> dict:
+    """detector -> (noise, generations) (`detectors.noise_plan`); {} without detectors."""
+    names = [d for d in self.detectors if d in detectors_lib.ONE_STEP]
+    if not names:
+      return {}
+    try:
+      return detectors_lib.noise_plan(names, self.detector_protocol, n_shared,
+                                      self.detector_generations)
+    except ConfigError as e:
+      raise InputError(f"--detector_protocol={self.detector_protocol}, --detector_generations="
+                       f"{self.detector_generations}: {e}; give more --seeds or rows of "
+                       "--noise, or fewer generations") from None
+
+
 @dataclasses.dataclass
-class ScanConfig(common.ModelStageSettings):
+class ScanConfig(common.ModelStageSettings, DetectorSettings):
   """The scan's settings (each one a flag of `python -m memjax.scan`)."""
   model: str
   prompts: str
@@ -54,12 +86,10 @@ class ScanConfig(common.ModelStageSettings):
   batch_size: int = 32
   seeds: Sequence[int] = (0,)
   shard_size: int = 4096
-  detectors: Sequence[str] = ()  # one-step detectors beside the DCS; "all": every one
-  ren_layer: str = REN_LAYER
 
   def __post_init__(self):
     super().__post_init__()
-    self.detectors = list(detector_names(self.detectors))
+    self.check_detectors()
 
 
 def detector_names(names: Sequence[str]) -> tuple:
@@ -79,12 +109,17 @@ def ren_path(layer: str) -> str:
   return "/".join(convert.torch_key_to_path(layer + ".x")[:-1])
 
 def make_step(sd, noise: np.ndarray, guidance_scale: float, batch_size: int,
-              mesh, detectors: Sequence[str] = (), ren_layer: str = REN_LAYER
-              ) -> engine.BoundStep:
-  """The scan's jitted step: token ids [B, 77] -> {dcs, wen, uncond_norm, align and
-  each detector's columns} [B, S], bound to the model, the start noise [S, h, w, c],
-  e_u and the detectors' per-seed unconditional outputs."""
+              mesh, detectors: Sequence[str] = (), ren_layer: str = REN_LAYER,
+              plan: Optional[dict] = None, detector_seed: int = 0) -> engine.BoundStep:
+  """The scan's jitted step: token ids [B, 77] -> {dcs, wen, uncond_norm, align} [B,
+  S] and each detector's columns [B, G] (its generations, `plan`: None = every
+  detector on every seed's shared z), bound to the model, the start noise [S, h, w,
+  c], e_u and the detectors' per-seed unconditional outputs. With detectors on
+  per-prompt noise, each batch row is [77 token ids, `noise.prompt_words` of its
+  prompt id] (`batch_rows`), and the step draws every prompt's noises itself."""
   bound = common.onestep_bound(sd, noise, mesh, ("text_encoder", "unet"))
+  n_ids = common.empty_ids(sd).shape[0]
+  per_prompt = detectors_lib.plan_noise(plan or {}, detectors_lib.PER_PROMPT)
   score = whitebox.make_context_score_fn(sd.unet_out, sd.schedule, guidance_scale,
                                          sd.schedule.last_timestep)
   detect = None
@@ -95,21 +130,37 @@ def make_step(sd, noise: np.ndarray, guidance_scale: float, batch_size: int,
       raise InputError(f"--ren_layer={ren_layer}: the model has no such cross-attention "
                        f"layer (it has {', '.join(sd.unet.config.transformer_paths)})")
     unet, unet_f32, unet_capture = detectors_lib.bind_unet(sd.unet, path)
-    shared = jax.jit(detectors_lib.make_shared_fn(sd.text_embed, unet, protocol, detectors))
+    shared = jax.jit(detectors_lib.make_shared_fn(sd.text_embed, unet, protocol, detectors,
+                                                  plan))
     bound["detector_shared"] = engine.replicate(shared(
         bound["text_encoder"], bound["unet"], jnp.asarray(common.empty_ids(sd)[None]),
         bound["noise"]), mesh)
     detect = detectors_lib.make_detectors_fn(unet, unet_f32, unet_capture, sd.schedule,
-                                             protocol, detectors, ren_layer=path)
+                                             protocol, detectors, ren_layer=path, plan=plan)
 
-  def step(b, ids):
+  def step(b, rows):
+    ids = rows[:, :n_ids]
     ctx = sd.text_embed(b["text_encoder"], ids)
     out = score(b["unet"], ctx, b["noise"], b["e_u"])
     if detect is not None:
-      out.update(detect(b["unet"], ctx, b["noise"], b["detector_shared"]))
+      prompt_noise = (noise_lib.per_prompt_noise(detector_seed, rows[:, n_ids:], per_prompt,
+                                                 sd.latent_shape_chw) if per_prompt else None)
+      out.update(detect(b["unet"], ctx, b["noise"], b["detector_shared"], prompt_noise))
     return out
 
-  return engine.BoundStep(step, bound, batch_size, mesh, common.empty_ids(sd))
+  pad = common.empty_ids(sd)
+  if per_prompt:
+    pad = np.concatenate([pad, np.zeros(2, np.int32)])
+  return engine.BoundStep(step, bound, batch_size, mesh, pad)
+
+
+def batch_rows(tok: common.Tokenized, plan: Optional[dict]) -> np.ndarray:
+  """The step's input rows of a shard: token ids, and with detectors on per-prompt
+  noise each prompt's id (`noise.prompt_words`) after them."""
+  if not detectors_lib.plan_noise(plan or {}, detectors_lib.PER_PROMPT):
+    return tok.ids
+  words = noise_lib.prompt_words(tok.chunk.start + tok.rows)
+  return np.concatenate([tok.ids, words], axis=1)
 
 
 def _output_table(tok: common.Tokenized, stats, detector_columns=()) -> pa.Table:
@@ -151,11 +202,16 @@ def run(cfg: ScanConfig) -> Optional[workdir_lib.Manifest]:
                   shard_size=cfg.shard_size, timestep=sd.schedule.last_timestep)
   details = {"timestep": sd.schedule.last_timestep, "seeds": list(cfg.seeds)}
   columns = detectors_lib.columns(cfg.detectors) if cfg.detectors else ()
+  plan = cfg.noise_plan(len(noise))
   if cfg.detectors:  # recorded only when asked for: earlier runs stay resumable
     protocol = detectors_lib.Protocol.from_scheduler(sd.scheduler_config)
     details["detectors"] = identity["detectors"] = list(cfg.detectors)
     details["detector_timesteps"] = identity["detector_timesteps"] = [
         protocol.t_first, protocol.t_low]
+    details["detector_noise"] = identity["detector_noise"] = {
+        n: {"noise": kind, "generations": g} for n, (kind, g) in plan.items()}
+    if detectors_lib.plan_noise(plan, detectors_lib.PER_PROMPT):
+      details["detector_seed"] = identity["detector_seed"] = cfg.detector_seed
     if "ren_le" in cfg.detectors:
       details["ren_layer"] = identity["ren_layer"] = cfg.ren_layer
   stage = engine.StageRun(cfg.workdir, STAGE, identity, cfg.overwrite, started=t0)
@@ -163,12 +219,12 @@ def run(cfg: ScanConfig) -> Optional[workdir_lib.Manifest]:
   mesh = distributed.local_mesh(cfg.devices)
   t1 = time.perf_counter()
   step = make_step(sd, noise, cfg.guidance_scale, common.batch_for(cfg, source.num_rows), mesh,
-                   cfg.detectors, cfg.ren_layer)
+                   cfg.detectors, cfg.ren_layer, plan, cfg.detector_seed)
   uncond_s = time.perf_counter() - t1
   stats = stage.loop(
       todo, lambda a, b: common.tokenize(source.read(a, b), sd.tokenizer),
-      lambda a, b, tok: _output_table(tok, step.all(tok.ids), columns), "prompts",
-      cfg.log_interval_s)
+      lambda a, b, tok: _output_table(tok, step.all(batch_rows(tok, plan)), columns),
+      "prompts", cfg.log_interval_s)
   if not stage.complete():
     return None
   shards.write_top_k(stage.dir, cfg.top_k, "scores")
