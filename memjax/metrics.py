@@ -6,8 +6,10 @@ TPR@0.1%FPR of every detector column, per memorization type.
       [--score_columns=EXTRA,...] [--out=FILE.json | --workdir=DIR --name=NAME]
 
 Every detector column present is scored (metrics.DEFAULT_SCORE_COLUMNS: scores,
-wen, wen981, jeon, asthana, asthana_norm, asthana_cos, ren_le, edge_scores);
---score_columns adds others (each must exist).
+wen, wen981, jeon, asthana, asthana_norm, asthana_cos, ren_le, edge_scores, and
+the generate stage's wen_steps, bright_ending as their means over each prompt's
+seeds); --score_columns adds others (each must exist). A column scored on fewer
+prompts than the widest (e.g. the regenerated top K) is marked '*' and noted.
 
 docs/method.md section 8 (`memjax.stages.metrics`, `memjax.method.detection`).
 """
@@ -16,7 +18,7 @@ from memjax.cli.options import Opt
 from memjax.stages import metrics
 
 OPTIONS = [
-    Opt("scores", "Workdir(s) (their scan and blackbox) or score table(s)."),
+    Opt("scores", "Workdir(s) (their scan, blackbox and generate tables) or score table(s)."),
     Opt("labels", "Label table, or a workdir (its verify labels)."),
     Opt("label_column", "Label column (MV|RV|TV|N)."),
     Opt("positive", "Labels that count as memorized."),

@@ -18,6 +18,7 @@ import pytest
 from scipy.stats import mannwhitneyu
 
 from memjax.method import detection
+from memjax.method import trajectory_detectors
 from memjax.runtime import shards
 from memjax.runtime import workdir as workdir_lib
 from memjax.runtime.errors import InputError
@@ -319,7 +320,7 @@ def test_every_detector_column_side_by_side(tmp_path):
   assert list(report["results"]) == ["pooled", "MV", "RV", "TV"]
   assert report["columns"]["wen981"]["dropped_nonfinite_score"] == 2
   assert report["columns"]["ren_le"]["dropped_nonfinite_score"] == int((ids % 7 == 0).sum())
-  assert report["score_columns_missing"] == []
+  assert report["score_columns_missing"] == list(metrics.GENERATE_DETECTORS)  # no generate
   for column in detectors + ["custom"]:
     direct = detection.detection_metrics(labels, cols[column], ["MV", "RV", "TV"], [5, 10], ids)
     for group, row in direct.items():
@@ -342,12 +343,90 @@ def test_a_scan_with_todays_columns_only(tmp_path):
   report = metrics.run(metrics.MetricsConfig(scores=[work], labels=path, k_list=[5]))
   assert list(report["columns"]) == ["scores", "wen", "edge_scores"]
   assert report["score_columns_missing"] == ["wen981", "jeon", "asthana", "asthana_norm",
-                                             "asthana_cos", "ren_le"]
+                                             "asthana_cos", "ren_le", "wen_steps",
+                                             "bright_ending"]
   text = metrics.format_table(report)
   assert "jeon" not in text and "wen981" not in text
   # an absent column asked for by name is still an error, a detector's as another's
   with pytest.raises(InputError, match="no score column 'jeon'"):
     metrics.run(metrics.MetricsConfig(scores=[work], labels=path, score_columns=["jeon"]))
+
+
+def _generate_workdir(tmp_path, n=40, k=12, seeds=(0, 1, 2)):
+  """A scan of n prompts and the generate stage's table of its top k by DCS (fed by
+  the scan: own ids 0..k-1, scan_prompt_id, the scan's `scores` as an input column),
+  one row per (prompt, seed) with wen_steps and bright_ending; one seed of the 4th
+  prompt has no image (null values)."""
+  rng = np.random.default_rng(11)
+  ids = np.arange(n)
+  labels = rng.choice(["MV", "TV", "N", "N"], n)
+  dcs = rng.standard_normal(n) + (labels != "N")
+  work = str(tmp_path / "w")
+  captions = [f"caption {i}" for i in ids]
+  shards.ShardWriter(os.path.join(work, "scan")).write(
+      pa.table({"prompt_id": ids, "caption": captions, "scores": dcs}), 0, n)
+  top = np.lexsort((ids, -dcs))[:k]
+  per_seed = {c: rng.standard_normal((k, len(seeds))) + (labels[top] != "N")[:, None]
+              for c in metrics.GENERATE_DETECTORS}
+  rows = [{"prompt_id": g, "caption": captions[p], "seed": s, "status": "ok",
+           **{c: None if (g, j) == (3, 1) else float(per_seed[c][g, j]) for c in per_seed},
+           "scan_prompt_id": int(p), "scores": float(dcs[p]) + 100}  # not the scan's column
+          for g, p in enumerate(top) for j, s in enumerate(seeds)]
+  types = {c: pa.float32() for c in per_seed}
+  table = pa.Table.from_pylist(rows, pa.schema([(c, types.get(c, pa.array([rows[0][c]]).type))
+                                                for c in rows[0]]))
+  os.makedirs(os.path.join(work, "generate"))
+  pq.write_table(table, workdir_lib.path(work, "generate", workdir_lib.GENERATED_TABLE))
+  path = str(tmp_path / "labels.parquet")
+  pq.write_table(pa.table({"prompt_id": ids, "caption": captions, "overfit_type": labels}), path)
+  means = {c: v.astype(np.float32).astype(np.float64).mean(axis=1) for c, v in per_seed.items()}
+  for v in means.values():
+    v[3] = np.nan  # a seed without an image: the prompt's mean is null
+  return work, path, labels, top, means
+
+
+def test_generate_stage_detectors_per_prompt_means_on_the_regenerated_subset(tmp_path):
+  work, path, labels, top, means = _generate_workdir(tmp_path)
+  assert metrics.GENERATE_DETECTORS == trajectory_detectors.TRAJECTORY
+  report = metrics.run(metrics.MetricsConfig(scores=[work], labels=path, k_list=[3, 5]))
+  assert list(report["columns"]) == ["scores", "wen_steps", "bright_ending"]
+  for column in metrics.GENERATE_DETECTORS:
+    info = report["columns"][column]
+    assert info["source"].endswith(os.path.join("generate", "generated.parquet"))
+    assert info["per_seed_rows"] == 36 and info["seeds_per_prompt"] == [3]
+    assert info["joined_rows"] == 12 and info["subset"] and info["dropped_nonfinite_score"] == 1
+    # the mean over seeds of each regenerated prompt, joined by scan_prompt_id
+    direct = detection.detection_metrics(labels[top], means[column], ["MV", "RV", "TV"],
+                                         [3, 5], top)
+    for group, row in direct.items():
+      got = report["results"][group][column]
+      assert got["n_pos"] == row["n_pos"] and got["n_neg"] == row["n_neg"]
+      assert got["auc"] == pytest.approx(row["auc"], abs=1e-12), (group, column)
+      assert got["precision_at_k"] == {str(k): v for k, v in row["precision_at_k"].items()}
+    pooled = report["results"]["pooled"][column]
+    assert pooled["n_pos"] + pooled["n_neg"] == 11  # the 12 regenerated, less the null one
+  scan = report["columns"]["scores"]
+  assert scan["source"].endswith("scan") and not scan["subset"] and scan["joined_rows"] == 40
+  assert report["results"]["pooled"]["scores"]["n_pos"] == int((labels != "N").sum())
+  assert metrics.subset_columns(report) == ["wen_steps", "bright_ending"]
+  text = metrics.format_table(report)
+  assert "wen_steps*" in text and "bright_ending*" in text and "scores*" not in text
+  assert "* evaluated on a subset of the 40 labelled prompts (wen_steps 12, " \
+      "bright_ending 12)" in text and "not comparable with the full-set" in text
+  # the generate folder or its table alone: the same numbers; on captions too
+  for scores in (workdir_lib.stage_dir(work, "generate"),
+                 workdir_lib.path(work, "generate", workdir_lib.GENERATED_TABLE)):
+    alone = metrics.run(metrics.MetricsConfig(scores=scores, labels=path, k_list=[3, 5]))
+    assert list(alone["columns"]) == ["wen_steps", "bright_ending"]
+    assert not metrics.subset_columns(alone) and "*" not in metrics.format_table(alone)
+    assert alone["results"] == {g: {c: r[c] for c in metrics.GENERATE_DETECTORS}
+                                for g, r in report["results"].items()}
+  pq.write_table(pq.read_table(path).drop_columns(["prompt_id"]), tmp_path / "by_caption.parquet")
+  by_caption = metrics.run(metrics.MetricsConfig(scores=[work], labels=str(
+      tmp_path / "by_caption.parquet"), k_list=[3, 5]))
+  assert by_caption["join_key"] == "caption"
+  assert by_caption["results"]["pooled"]["bright_ending"]["auc"] == \
+      report["results"]["pooled"]["bright_ending"]["auc"]
 
 
 def test_format_table_one_line_per_group_and_detector(tmp_path):

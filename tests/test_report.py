@@ -233,6 +233,52 @@ def test_metrics_table_lists_every_detector(tmp_path):
   assert os.path.isfile(workdir_lib.path(w, "report", "img", "roc_detectors.png"))
 
 
+def test_generate_stage_detectors_in_the_table_and_roc_as_a_subset(tmp_path):
+  """The generate stage's wen_steps and bright_ending (per seed, over the scan's top 20)
+  join the metrics table and the pooled ROC as per-prompt means, marked a subset."""
+  w = _detector_scan(tmp_path)
+  scan = shards.open_shards(workdir_lib.stage_dir(w, "scan")).to_table()
+  top = _top(w, 20)
+  kind = dict(zip(scan["prompt_id"].to_pylist(), scan["kind"].to_pylist()))
+  rng = np.random.default_rng(2)
+  rows = [{"prompt_id": g, "caption": f"caption {p}", "seed": seed, "image_path": None,
+           "status": "ok", "wen_steps": float(rng.random() + (kind[p] != "N")),
+           "bright_ending": float(rng.random()), "scan_prompt_id": p}
+          for g, p in enumerate(top) for seed in (0, 1)]
+  os.makedirs(workdir_lib.stage_dir(w, "generate"))
+  pq.write_table(pa.Table.from_pylist(rows), workdir_lib.path(w, "generate",
+                                                              workdir_lib.GENERATED_TABLE))
+  m = report.run(report.ReportConfig(workdir=w, top_k=5, k_list=[5, 10]))
+  page = _page(m)
+  rep = m.details["metrics"]["planted"]
+  table = page[page.index("<table class='metrics'>"):]
+  table = table[:table.index("</p>")]
+  assert re.findall(r"<tr data-detector='([^']+)'>", table) == DETECTORS + [
+      "wen_steps", "bright_ending"]
+  for det in ("wen_steps", "bright_ending"):
+    assert rep["columns"][det]["joined_rows"] == 20 and rep["columns"][det]["subset"]
+    assert rep["results"]["pooled"][det]["n_pos"] + rep["results"]["pooled"][det]["n_neg"] == 20
+    row = re.search(rf"<tr data-detector='{det}'>(.*?)</tr>", table).group(1)
+    pooled = rep["results"]["pooled"][det]
+    assert (f"*<br><span class='subset'>subset: 20 of 80 prompts, {pooled['n_pos']} pos / "
+            f"{pooled['n_neg']} neg</span>") in row
+    auc = pooled["auc"]
+    assert f">{auc:.3f}</td>" in row
+  assert "subset" not in re.search(r"<tr data-detector='scores'>(.*?)</tr>", table).group(1)
+  assert "id='subset-note'>* evaluated on a subset of the 80 labelled prompts (wen_steps 20, " \
+      "bright_ending 20)" in table
+  assert "Chen et al. Bright Ending" in table and "<b>BE</b>" in table
+  d = report.load(w)  # the ROC plot's columns: the same per-prompt means
+  scores = report.score_columns(d)
+  assert list(scores) == DETECTORS + ["wen_steps", "bright_ending"]
+  assert sorted(scores["wen_steps"]) == sorted(top)
+  by_id = {}
+  for r in rows:
+    by_id.setdefault(r["scan_prompt_id"], []).append(r["wen_steps"])
+  assert scores["wen_steps"] == pytest.approx({p: np.mean(v) for p, v in by_id.items()})
+  assert "roc_detectors.png" in m.details["plots"]
+
+
 def _chromium(tmp_path, *args):
   profile = tmp_path / f"profile{len(os.listdir(tmp_path))}"
   cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",

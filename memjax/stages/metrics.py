@@ -1,14 +1,17 @@
 """The detection-metrics stage: scores joined with labels, every metric computed.
 
 docs/method.md section 8 (the math: `memjax.method.detection`). Scores come from
-workdirs (their scan and blackbox shards) or tables; labels from a workdir (its
-verify table, or its scan shards for a planted column such as the testbed's
-`kind`) or a table. Rows join on `prompt_id` (a stage fed by a scan keeps the
-scan's id as `scan_prompt_id`, which is used instead), or on the caption when
-the labels have no ids. Every detector column of DETECTORS that the scores hold
-is scored side by side, with any extra column named by --score_columns. Rows
-with an empty label or a null, NaN or infinite score are dropped, per column
-(counted in the report). With a workdir, the report is written to
+workdirs (their scan and blackbox shards, the generate stage's generated table)
+or tables; labels from a workdir (its verify table, or its scan shards for a
+planted column such as the testbed's `kind`) or a table. Rows join on `prompt_id`
+(a stage fed by a scan keeps the scan's id as `scan_prompt_id`, which is used
+instead), or on the caption when the labels have no ids. Every detector column of
+DETECTORS that the scores hold is scored side by side, with any extra column
+named by --score_columns; the generate stage's per-(prompt, seed) values are
+reduced to their mean over seeds first (`per_prompt_means`). Rows with an empty
+label or a null, NaN or infinite score are dropped, per column (counted in the
+report); a column joined on fewer prompts than the widest is marked a subset
+(`subset_note`). With a workdir, the report is written to
 `WORKDIR/metrics/<name>.json`, listed in `WORKDIR/metrics/manifest.json`.
 """
 import collections
@@ -46,7 +49,15 @@ DETECTORS = {
     "asthana_cos": ("asthana_cos", "Asthana & Belagiannis, the cosine part alone"),
     "ren_le": ("ren_le", "Ren et al. cross-attention entropy (one layer)"),
     "edge_scores": ("edge", "Webster's blackbox edge consistency (one-step images)"),
+    "wen_steps": ("wen_steps", "Wen et al., ||e_c - e_u|| averaged over the first n DDIM "
+                  "steps (regenerated prompts; mean over seeds)"),
+    "bright_ending": ("BE", "Chen et al. Bright Ending, EOS-attention-masked ||e_c - e_u|| "
+                      "over every DDIM step (regenerated prompts; mean over seeds)"),
 }
+# The generate stage's trajectory detectors (`trajectory_detectors.TRAJECTORY`), one
+# value per (prompt, seed) in its generated.parquet.
+GENERATE_DETECTORS = ("wen_steps", "bright_ending")
+SEED = "seed"
 DEFAULT_SCORE_COLUMNS = tuple(DETECTORS)
 # The ROC numbers of each (group, column), as the text and HTML tables show them:
 # report key -> (short header, meaning).
@@ -62,12 +73,18 @@ TIE_ORDER = ("TV", "MV", "RV")  # a caption labelled twice takes the first of th
 
 
 def _workdir_tables(path: str, what: str) -> List[tuple]:
-  """(dataset, source) of a folder: a stage folder's shards, its workdir's
-  scan/blackbox shards, its verify table, or its parquet files."""
+  """(dataset, source) of a folder: a stage folder's shards (generate's: its table), its
+  workdir's scan/blackbox shards and generated table, its verify table, or its files."""
+  generated = os.path.join(path, workdir_lib.GENERATED_TABLE)
+  if os.path.isfile(generated):  # the generate folder: its shards hold lists
+    return [(ds.dataset(tables.read_table(generated)), generated)]
   if shards.list_shards(path):
     return [(shards.open_shards(path), path)]
   found = [(shards.open_shards(d), d) for d in
            (workdir_lib.resolve(path, s) for s in SCORE_STAGES) if shards.list_shards(d)]
+  generated = os.path.join(workdir_lib.resolve(path, "generate"), workdir_lib.GENERATED_TABLE)
+  if what == "scores" and os.path.isfile(generated):
+    found.append((ds.dataset(tables.read_table(generated)), generated))
   verify = os.path.join(workdir_lib.resolve(path, "verify"), workdir_lib.VERIFY_TABLE)
   if what == "labels" and os.path.isfile(verify):
     found.insert(0, (ds.dataset(tables.read_table(verify)), verify))
@@ -76,15 +93,43 @@ def _workdir_tables(path: str, what: str) -> List[tuple]:
   files = sorted(glob.glob(os.path.join(path, "*.parquet")))
   if not files:
     raise InputError(f"--{what}={path} holds no result shards (also looked in its stage "
-                     f"folders {', '.join(SCORE_STAGES)} and verify) and no .parquet files.")
+                     f"folders {', '.join(SCORE_STAGES)}, generate and verify) and no "
+                     ".parquet files.")
   return [(ds.dataset(tables.read_table(path)), files[0] if len(files) == 1 else path)]
+
+
+def is_per_seed(names: Sequence[str]) -> bool:
+  """Whether a table of these columns is the generate stage's (a row per prompt, seed)."""
+  return SEED in names and any(c in names for c in GENERATE_DETECTORS)
+
+
+def per_prompt_means(table: pa.Table) -> pa.Table:
+  """One row per prompt (by `scan_prompt_id` when present, else `prompt_id`) of a
+  per-(prompt, seed) table: each GENERATE_DETECTORS column is the mean over the
+  prompt's rows (its seeds, the authors' "generations"), null when any is null (a
+  seed without an image; the scan's mean over seeds is NaN then); other columns
+  take the prompt's first row. Schema metadata: per_seed_rows, seeds_per_prompt."""
+  key = SCAN_ID if SCAN_ID in table.column_names else PROMPT_ID
+  _, first, inverse, counts = np.unique(table[key].to_numpy(zero_copy_only=False),
+                                        return_index=True, return_inverse=True,
+                                        return_counts=True)
+  out = {c: table[c].take(pa.array(first)) for c in table.column_names
+         if c not in GENERATE_DETECTORS + (SEED,)}
+  for c in [c for c in GENERATE_DETECTORS if c in table.column_names]:
+    values = table[c].cast(pa.float64()).fill_null(np.nan).to_numpy(zero_copy_only=False)
+    mean = np.bincount(inverse.ravel(), weights=values, minlength=counts.size) / counts
+    out[c] = pa.array(mean, pa.float64(), mask=np.isnan(mean))  # NaN propagates: any null
+  return pa.table(out).replace_schema_metadata({
+      b"per_seed_rows": str(table.num_rows).encode(),
+      b"seeds_per_prompt": json.dumps(sorted({int(n) for n in counts})).encode()})
 
 
 def read_tables(path: str, what: str, columns) -> List[tuple]:
   """(table of only `columns`, source, all its column names) per source.
 
   A table with `scan_prompt_id` (a stage fed by a scan workdir renumbers its
-  prompts) joins by it, as its prompt_id.
+  prompts) joins by it, as its prompt_id. A per-(prompt, seed) table
+  (`is_per_seed`) gives only its GENERATE_DETECTORS, as `per_prompt_means`.
   """
   if not os.path.exists(path):
     raise InputError(f"--{what}={path} does not exist.")
@@ -94,12 +139,15 @@ def read_tables(path: str, what: str, columns) -> List[tuple]:
     out = []
     for x, source in found:
       names = x.schema.names
-      table = x.to_table(columns=[c for c in names if c in set(columns) | {SCAN_ID}])
+      wanted = set(columns) | {SCAN_ID, SEED}
+      if is_per_seed(names):  # the generate stage's: only its detectors, per prompt
+        wanted -= set(DETECTORS) - set(GENERATE_DETECTORS)
+      table = x.to_table(columns=[c for c in names if c in wanted])
       if SCAN_ID in table.column_names:  # a stage fed by a scan: its ids are the scan's
         table = table.drop_columns([c for c in [PROMPT_ID] if c in table.column_names])
         table = table.rename_columns([PROMPT_ID if c == SCAN_ID else c
                                       for c in table.column_names])
-      out.append((table, source, names))
+      out.append((per_prompt_means(table) if is_per_seed(names) else table, source, names))
     return out
   except (pa.ArrowException, OSError) as e:
     raise InputError(f"--{what}={path}: cannot read: {e}") from None
@@ -211,6 +259,9 @@ def join_scores(sources: Sequence[tuple], labels: dict, key: str,
                       "tiebreak": ids[kept], "score_rows": table.num_rows,
                       "dropped_nonfinite_score": int((~np.isfinite(scores)).sum()),
                       "duplicate_keys_dropped": int(rows.size - kept.size)}
+    meta = table.schema.metadata or {}  # a per_prompt_means table's: what was reduced
+    joined[column].update({k.decode(): json.loads(v) for k, v in meta.items()
+                           if k in (b"per_seed_rows", b"seeds_per_prompt")})
   if not any(j["labels"] for j in joined.values()):
     raise InputError(f"no {key} of the labels occurs in --scores ({names}); nothing to "
                      "evaluate.")
@@ -288,7 +339,8 @@ def run(cfg: MetricsConfig) -> dict:
     report["columns"][column] = {k: v for k, v in j.items()
                                  if k not in ("labels", "scores", "tiebreak")}
     report["columns"][column].update(joined_rows=len(j["labels"]),
-                                     joined_label_counts=_counts(j["labels"]))
+                                     joined_label_counts=_counts(j["labels"]),
+                                     subset=len(j["labels"]) < len(joined_labels))
     per_group = detection_metrics(j["labels"], j["scores"], cfg.positive, ks, j["tiebreak"])
     for group, row in per_group.items():
       report["results"].setdefault(group, {})[column] = row
@@ -323,23 +375,45 @@ def describe(column: str) -> str:
       f"{column}: {what}" if what else column)
 
 
+def subset_columns(report: dict) -> List[str]:
+  """The columns joined on fewer labelled prompts than the widest column."""
+  return [c for c, v in report.get("columns", {}).items() if v.get("subset")]
+
+
+def subset_note(report: dict) -> Optional[str]:
+  """What the text and HTML tables print under a report with subset columns."""
+  subset = subset_columns(report)
+  if not subset:
+    return None
+  rows = {c: v["joined_rows"] for c, v in report["columns"].items()}
+  each = ", ".join(f"{c} {rows[c]}" for c in subset)
+  return (f"* evaluated on a subset of the {max(rows.values())} labelled prompts ({each}): "
+          "those a later stage took (the generate stage's regenerated or the blackbox's "
+          "attacked top K, chosen by another score); their numbers are not comparable with "
+          "the full-set rows'.")
+
+
 def format_table(report: dict) -> str:
   """The text table: per label group (pooled, then each type), one line per
   detector column: counts, AUC, TPR at 1% FPR (below; closest), TPR at 0.1% FPR
-  and precision@K; then what the headers and detectors mean."""
+  and precision@K; then what the headers and detectors mean, and
+  `subset_note` (the subset columns carry a '*')."""
   ks = report["k_list"]
   fmt = lambda v: "-" if v is None else f"{v:.3f}"
   columns = list(dict.fromkeys(c for cols in report["results"].values() for c in cols))
-  w = max([len("detector")] + [len(c) for c in columns]) + 2
+  subset = set(subset_columns(report))
+  shown = {c: c + "*" if c in subset else c for c in columns}
+  w = max([len("detector")] + [len(c) for c in shown.values()]) + 2
   heads = [h for h, _ in TABLE_METRICS.values()] + [f"p@{k}" for k in ks]
   lines = [f"{'group':<8}{'detector':<{w}}{'pos':>5}{'neg':>6}" +
            "".join(f"{h:>8}" for h in heads)]
   for group, by_column in report["results"].items():
     for column, r in by_column.items():
       values = [r.get(m) for m in TABLE_METRICS] + [r["precision_at_k"][str(k)] for k in ks]
-      lines.append(f"{group:<8}{column:<{w}}{r['n_pos']:>5}{r['n_neg']:>6}" +
+      lines.append(f"{group:<8}{shown[column]:<{w}}{r['n_pos']:>5}{r['n_neg']:>6}" +
                    "".join(f"{fmt(v):>8}" for v in values))
   lines += [f"  {h}: {what}" for h, what in TABLE_METRICS.values()]
   lines.append("  p@K: precision among the top K by score")
   lines += [f"  {describe(c)}" for c in columns]
-  return "\n".join(lines)
+  note = subset_note(report)
+  return "\n".join(lines + ([f"  {note}"] if note else []))

@@ -9,8 +9,11 @@ Writes `WORKDIR/report/index.html` with every image copied beside it
 network, and `WORKDIR/report/manifest.json`.
 
 Rows of all stages are joined by the scan's prompt id (`scan_prompt_id` in the
-stages fed by a scan). The metrics table scores every detector column the scan
-holds (`metrics.DETECTORS`) and the edge score, against each label source. The
+stages fed by a scan). The metrics table and the pooled ROC plot score every
+detector column the scan holds (`metrics.DETECTORS`), the edge score and the
+generate stage's trajectory detectors (per prompt: the mean over its seeds,
+`metrics.per_prompt_means`), against each label source; a column scored on a
+subset of the labelled prompts (the regenerated top K) is marked so. The
 gallery lists the top K by the whitebox score (`scores`, the DCS), or by
 `edge_scores` when there is no scan.
 """
@@ -39,8 +42,9 @@ POSITIVE = ("MV", "RV", "TV")
 PLANTED_COLUMN = "kind"  # the testbed's ground truth of every caption
 _SCAN_ID = metrics_lib.SCAN_ID
 _SHOWN_STAGES = ("scan", "blackbox", "generate", "index", "verify")
-# The scan's detector columns (metrics.DETECTORS but the blackbox's edge score).
-SCAN_DETECTORS = tuple(c for c in metrics_lib.DETECTORS if c != "edge_scores")
+# The scan's detector columns (metrics.DETECTORS but the blackbox's and generate's).
+SCAN_DETECTORS = tuple(c for c in metrics_lib.DETECTORS
+                       if c not in ("edge_scores",) + metrics_lib.GENERATE_DETECTORS)
 
 
 @dataclasses.dataclass
@@ -119,12 +123,18 @@ def load(workdir: str) -> Dict:
 
   gen_dir = workdir_lib.stage_dir(workdir, "generate")
   gen_path = os.path.join(gen_dir, workdir_lib.GENERATED_TABLE)
+  d["generated_scores"] = {}  # trajectory detector -> {scan id: mean over seeds}
   if os.path.isfile(gen_path):
     table = pq.read_table(gen_path)
     key = _scan_key(table)
     for row in table.to_pylist():
       if row.get("image_path"):
         entry(row[key])["generated"].append(os.path.join(gen_dir, row["image_path"]))
+    if metrics_lib.is_per_seed(table.column_names):
+      means = metrics_lib.per_prompt_means(table)
+      for col in [c for c in metrics_lib.GENERATE_DETECTORS if c in means.column_names]:
+        d["generated_scores"][col] = {int(i): float(v) for i, v in zip(
+            means[key].to_pylist(), means[col].to_pylist()) if v is not None and v == v}
   else:
     d["missing"].append(f"regeneration (no generate/{workdir_lib.GENERATED_TABLE}): no "
                         "multi-step images")
@@ -165,7 +175,7 @@ def label_sets(d: Dict) -> Dict[str, Dict]:
 
 def score_columns(d: Dict) -> Dict[str, Dict[int, float]]:
   """Score column -> {scan id: value} (NaN-free): every detector the scan holds,
-  then the edge score."""
+  then the edge score, then the generate stage's (means over seeds)."""
   out = {}
   if d["scan"] is not None:
     for col in SCAN_DETECTORS:
@@ -176,6 +186,7 @@ def score_columns(d: Dict) -> Dict[str, Dict[int, float]]:
           if p.get("edge_scores") is not None and p["edge_scores"] == p["edge_scores"]}
   if edge:
     out["edge_scores"] = edge
+  out.update({c: v for c, v in d.get("generated_scores", {}).items() if v})
   return out
 
 

@@ -33,6 +33,7 @@ table.metrics .g{border-left:2px solid #888}
 td.det{max-width:210px}
 td.pk{white-space:nowrap}
 .low{color:#b00000;font-weight:bold}
+.subset{color:#a05a00;font-size:11px}
 """
 
 _SCRIPT_HEAD = """
@@ -139,11 +140,15 @@ def _label_counts(d: Dict) -> List[Sequence]:
   return rows
 
 
-def _detector_cell(column: str) -> str:
+def _detector_cell(column: str, subset: Optional[str] = None) -> str:
+  """The detector's name and description; a subset column gets a '*' and `subset`
+  (on how many labelled prompts it was scored)."""
   name, what = metrics_lib.DETECTORS.get(column, (column, "score column"))
   if name != column:
     what += f" (column {column})"
-  return f"<td class='det'><b>{_e(name)}</b><br><span class='none'>{_e(what)}</span></td>"
+  mark = "" if subset is None else f"*<br><span class='subset'>{_e(subset)}</span>"
+  return (f"<td class='det'><b>{_e(name)}</b>{mark}<br><span class='none'>{_e(what)}"
+          "</span></td>")
 
 
 def _range(values) -> str:
@@ -151,9 +156,15 @@ def _range(values) -> str:
   return str(lo) if lo == hi else f"{lo}-{hi}"
 
 
-def _metrics_table(results: Dict, ks: Sequence[int]) -> str:
-  """One table: a row per detector column, per label group the ROC numbers and P@K."""
+def _metrics_table(report: Dict, ks: Sequence[int]) -> str:
+  """One table: a row per detector column, per label group the ROC numbers and P@K;
+  then `metrics.subset_note` when some columns were scored on a subset."""
+  results, info = report["results"], report["columns"]
   groups = list(results)
+  widest = max((v["joined_rows"] for v in info.values()), default=0)
+  subset = {c: f"subset: {info[c]['joined_rows']} of {widest} prompts, "
+               f"{results[groups[0]][c]['n_pos']} pos / {results[groups[0]][c]['n_neg']} neg"
+            for c in metrics_lib.subset_columns(report) if c in results[groups[0]]}
   columns = list(dict.fromkeys(c for g in groups for c in results[g]))
   meaning = {k: what for k, (_, what) in metrics_lib.TABLE_METRICS.items()}
   heads = [("AUC", meaning["auc"]), ("TPR@1%|below", meaning["tpr_at_1pct_fpr"]),
@@ -170,7 +181,7 @@ def _metrics_table(results: Dict, ks: Sequence[int]) -> str:
             f"{'<br>'.join(_e(x) for x in h.split('|'))}</th>" for n, (h, t) in enumerate(heads)]
   body = []
   for column in columns:
-    cells = [_detector_cell(column)]
+    cells = [_detector_cell(column, subset.get(column))]
     for g in groups:
       r = results[g].get(column)
       if r is None:
@@ -185,8 +196,10 @@ def _metrics_table(results: Dict, ks: Sequence[int]) -> str:
       pk = "/".join(_num(r["precision_at_k"].get(str(k)), "{:.2f}") for k in ks)
       cells.append(f"<td class='num pk'>{pk}</td>")
     body.append(f"<tr data-detector='{_e(column)}'>" + "".join(cells) + "</tr>")
+  note = metrics_lib.subset_note(report)
   return ("<table class='metrics'>" + "".join(top) + "</tr>" + "".join(sub) + "</tr>" +
-          "".join(body) + "</table>")
+          "".join(body) + "</table>" +
+          (f"<p class='subset' id='subset-note'>{_e(note)}</p>" if note else ""))
 
 
 _METRICS_NOTE = (
@@ -208,7 +221,7 @@ def _metrics(metric_reports: Dict, ks: Sequence[int]) -> str:
     if "error" in rep:
       out.append(f"<p class='missing'>not computed: {_e(rep['error'])}</p>")
       continue
-    out.append(_metrics_table(rep["results"], ks))
+    out.append(_metrics_table(rep, ks))
   if any("error" not in rep for rep in metric_reports.values()):
     out.append(_METRICS_NOTE)
   return "".join(out)

@@ -17,7 +17,8 @@ _COLORS = {"MV": "#d62728", "TV": "#9467bd", "RV": "#ff7f0e", "N": "#1f77b4",
 _NAMES = {"scores": "DCS (whitebox)", "wen": "Wen et al. norm", "edge_scores": "edge score",
           "wen981": "Wen et al. at t=981", "jeon": "Jeon et al. sharpness",
           "asthana": "Asthana & Belagiannis", "asthana_norm": "Asthana norm part",
-          "asthana_cos": "Asthana cosine part", "ren_le": "Ren et al. entropy"}
+          "asthana_cos": "Asthana cosine part", "ren_le": "Ren et al. entropy",
+          "wen_steps": "Wen et al. over DDIM steps", "bright_ending": "Bright Ending (Chen et al.)"}
 _PRECISION_COLUMNS = ("scores", "edge_scores", "wen")  # the precision@K plot's lines
 
 
@@ -138,7 +139,8 @@ def _roc(plt, path, labels_by_source, scores, positive) -> bool:
 
 
 def _roc_detectors(plt, path, labels_by_source, scores, positive) -> bool:
-  """The pooled ROC (every positive type against N) of every score column."""
+  """The pooled ROC (every positive type against N) of every score column; each
+  legend entry says on how many prompts (a subset column has fewer)."""
   def draw(ax, data):
     drawn = False
     for n, (col, values) in enumerate(scores.items()):
@@ -147,7 +149,8 @@ def _roc_detectors(plt, path, labels_by_source, scores, positive) -> bool:
       if pos.any() and not pos.all():
         curve = detection.roc_curve(pos, s)
         ax.plot(curve.fpr, curve.tpr, "-" if n < 10 else "--", color=f"C{n % 10}",
-                label=f"{_NAMES.get(col, col)} AUC {detection.roc_auc(curve):.3f}")
+                label=f"{_NAMES.get(col, col)} AUC {detection.roc_auc(curve):.3f} "
+                      f"(n={len(s)})")
         drawn = True
     return drawn
   return _roc_panels(plt, path, labels_by_source, positive, draw, lambda source: (

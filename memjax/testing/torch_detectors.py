@@ -101,11 +101,12 @@ class TorchDetectors(TorchWhitebox):
 
   # ---------------------------------------------------------------- plumbing
 
-  def new_scheduler(self):
-    """diffusers' DDIMScheduler.from_config(pipe.scheduler.config), 50 steps."""
+  def new_scheduler(self, steps: Optional[int] = None):
+    """diffusers' DDIMScheduler.from_config(pipe.scheduler.config), `steps` steps
+    (None: NUM_STEPS, 50)."""
     from diffusers import DDIMScheduler  # pylint: disable=g-import-not-at-top
     sched = DDIMScheduler.from_config(self.scheduler_config)
-    sched.set_timesteps(NUM_STEPS)
+    sched.set_timesteps(steps or NUM_STEPS)
     return sched
 
   def alpha_bar(self, t: int) -> float:
@@ -254,11 +255,13 @@ class TorchDetectors(TorchWhitebox):
 
   def trajectory(self, prompts: Sequence[str], noise_nchw: np.ndarray, n_steps: int = NUM_STEPS,
                  guidance_scale: float = 7.5, be: bool = False, mask: Optional[np.ndarray] = None,
-                 keep_diffs: bool = False) -> Dict[str, np.ndarray]:
-    """The first n_steps of the 50-step DDIM CFG trajectory from x_T = z.
+                 keep_diffs: bool = False, total_steps: Optional[int] = None
+                 ) -> Dict[str, np.ndarray]:
+    """The first n_steps of the total_steps-step DDIM CFG trajectory from x_T = z.
 
     Args:
-      be: Bright Ending too (needs n_steps = 50): the mask is the EOS-token
+      total_steps: the DDIM's number of steps (None: NUM_STEPS, the authors' 50).
+      be: Bright Ending too (needs n_steps = total_steps): the mask is the EOS-token
         cross-attention at the last step (t = timesteps[-1]) of self.be_layers,
         conditional half, heads then layers averaged; every step's (e_c - e_u) is
         kept until then and masked.
@@ -266,12 +269,13 @@ class TorchDetectors(TorchWhitebox):
     Returns:
       wen_steps: [B, S, n_steps] per-step ||e_c - e_u|| of the raw outputs;
       latents: [B, S, C, H, W] x after the n_steps DDIM steps;
-      with be: be_steps [B, S, 50] per-step ||m * (e_c - e_u)|| / mean(m), and
+      with be: be_steps [B, S, n_steps] per-step ||m * (e_c - e_u)|| / mean(m), and
         mask [B, S, H, W]; with keep_diffs: diffs [B, S, n_steps, C, H, W] float32.
     """
     torch = self.torch
-    if be and n_steps != NUM_STEPS:
-      raise ValueError("the Bright Ending mask is taken at the last of the 50 steps")
+    total = total_steps or NUM_STEPS
+    if be and n_steps != total:
+      raise ValueError(f"the Bright Ending mask is taken at the last of the {total} steps")
     nb, ns = len(prompts), len(noise_nchw)
     shape = tuple(np.shape(noise_nchw)[1:])
     out = {"wen_steps": np.zeros((nb, ns, n_steps)), "latents": np.zeros((nb, ns) + shape)}
@@ -281,11 +285,11 @@ class TorchDetectors(TorchWhitebox):
       out["diffs"] = np.zeros((nb, ns, n_steps) + shape, np.float32)
     for lo, chunk, ctx, s, x in self._chunks(prompts, noise_nchw):
       sl, b = slice(lo, lo + len(chunk)), len(chunk)
-      sched = self.new_scheduler()
+      sched = self.new_scheduler(total)
       latents, diffs = x * sched.init_noise_sigma, []
       for i, t in enumerate(sched.timesteps[:n_steps]):
         x_in = sched.scale_model_input(torch.cat([latents, latents]), t)
-        capture = be and mask is None and i == NUM_STEPS - 1
+        capture = be and mask is None and i == total - 1
         with (self.attention_capture(self.be_layers) if capture
               else contextlib.nullcontext({})) as store:
           r_u, r_c = self.unet_raw(x_in, int(t), ctx).chunk(2)
