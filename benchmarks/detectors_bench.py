@@ -19,7 +19,8 @@ Combined against separate: T(all in one program) against the sum, over the
 detectors, of T(DCS + that detector) (one scan per detector, each paying its own
 text encoder pass and DCS), and against T(DCS) + the sum of the marginal costs (what
 sharing the conditional forward at (z, t_first) saves between wen981, asthana,
-jeon and ren_le).
+jeon and ren_le). `all_authors` is every detector under the authors' noise protocol
+(the scan's default): its per-prompt noises cannot share an unconditional pass.
 """
 import argparse
 import json
@@ -28,6 +29,7 @@ import platform
 import sys
 import tempfile
 
+import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -35,10 +37,11 @@ import bench_models  # pylint: disable=g-import-not-at-top  # benchmarks/bench_m
 import bench_timing  # pylint: disable=g-import-not-at-top  # benchmarks/bench_timing.py
 
 
-def _step(sd, noise, batch, detectors, ren_layer):
+def _step(sd, noise, batch, detectors, ren_layer, plan=None):
   from memjax.runtime import distributed  # pylint: disable=g-import-not-at-top
   from memjax.stages import scan  # pylint: disable=g-import-not-at-top
-  step = scan.make_step(sd, noise, 7.5, batch, distributed.local_mesh(1), detectors, ren_layer)
+  step = scan.make_step(sd, noise, 7.5, batch, distributed.local_mesh(1), detectors, ren_layer,
+                        plan)
   _, compile_s, flops = bench_timing.compile_step(step)
   return step, compile_s, flops
 
@@ -63,10 +66,19 @@ def run(args):
     _, _, fwd_flops = bench_timing.compile_step(unet_fwd)
     configs = {"dcs": ()}
     configs.update({d: (d,) for d in detectors_lib.ONE_STEP})
-    configs["all"] = detectors_lib.ONE_STEP
+    configs["all"] = detectors_lib.ONE_STEP  # every detector on the shared z of each seed
     steps = {k: _step(sd, noise, args.batch, v, ren_layer) for k, v in configs.items()}
+    # The authors' protocol (the scan's default): wen981 on 4 noises of each prompt's
+    # own, ren_le on 1 (no shared unconditional pass), jeon and asthana on 1 shared z.
+    authors = detectors_lib.noise_plan(detectors_lib.ONE_STEP, "authors", len(noise))
+    steps["all_authors"] = _step(sd, noise, args.batch, detectors_lib.ONE_STEP, ren_layer,
+                                 authors)
+    rows_in = {k: ids for k in steps}
+    rows_in["all_authors"] = np.concatenate(
+        [ids, noise_lib.prompt_words(np.arange(args.batch))], axis=1)
     times = dict(zip(steps, bench_timing.median_seconds(
-        [lambda s=s: bench_timing.run_step(s[0], ids) for s in steps.values()], args.repeats)))
+        [lambda k=k, s=s: bench_timing.run_step(s[0], rows_in[k]) for k, s in steps.items()],
+        args.repeats)))
     per_prompt = {k: t / args.batch for k, t in times.items()}
     base_flops = steps["dcs"][2]
     for k, (step, compile_s, flops) in steps.items():

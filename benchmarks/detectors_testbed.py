@@ -1,10 +1,12 @@
 """Every detector on the bundled testbed model, per planted kind.
 
-    python benchmarks/detectors_testbed.py [--seeds=0,1,2,3] [--out=table.json]
+    python benchmarks/detectors_testbed.py [--seeds=0,1,2,3] [--protocol=authors|shared]
+      [--out=table.json]
 
 Runs `memjax.scan` (the stage's own run) with `--detectors=all` over every
 evaluation caption of `memjax/assets/testbed/eval_prompts.parquet` with the
-seeds of configs/demo_scan.flags, then, for each score column, the detection
+seeds of configs/demo.flags and the detectors' noise protocol (`--protocol`: the
+authors' own noises and generations, or every seed's shared z), then, for each score column, the detection
 metrics of `memjax.method.detection` of each planted kind (MV, TV, RV) and of
 all of them pooled against the held-out captions (never trained on; the
 testbed's unique training captions are left out): AUC, TPR at 1% FPR in both
@@ -30,7 +32,7 @@ TESTBED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "memjax
 KINDS = ("MV", "TV", "RV")
 
 
-def run(seeds, workdir):
+def run(seeds, workdir, protocol="authors"):
   from memjax.method import detection  # pylint: disable=g-import-not-at-top
   from memjax.runtime import shards  # pylint: disable=g-import-not-at-top
   from memjax.runtime import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
@@ -40,14 +42,15 @@ def run(seeds, workdir):
   manifest = scan.run(scan.ScanConfig(
       model=os.path.join(TESTBED, "model"), prompts=os.path.join(TESTBED, "eval_prompts.parquet"),
       workdir=workdir, seeds=tuple(seeds), batch_size=64, detectors=("all",),
-      ren_layer="down_blocks.0.attentions.0", log_interval_s=3600, overwrite=True))
+      ren_layer="down_blocks.0.attentions.0", detector_protocol=protocol, log_interval_s=3600,
+      overwrite=True))
   table = shards.open_shards(workdir_lib.stage_dir(workdir, "scan")).to_table()
   table = table.sort_by("prompt_id")
   kinds = np.array(pq.read_table(os.path.join(TESTBED, "eval_prompts.parquet"),
                                  columns=["kind"]).column(0).to_pylist(), object)
   keep = np.isin(kinds, KINDS + ("heldout",))
   labels = np.where(kinds == "heldout", "N", kinds)[keep]
-  out = {"seeds": list(seeds), "n": {k: int((labels == k).sum()) for k in KINDS + ("N",)},
+  out = {"seeds": list(seeds), "protocol": manifest.details["detector_noise"], "n": {k: int((labels == k).sum()) for k in KINDS + ("N",)},
          "scan_s": round(time.perf_counter() - t0, 1),
          "scan_rate_prompts_per_s": manifest.rate, "detectors": {}}
   for column in [c for c in metrics.DETECTORS if c in table.column_names]:
@@ -80,9 +83,10 @@ def markdown(result) -> str:
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--seeds", default="0,1,2,3")
+  parser.add_argument("--protocol", default="authors", choices=("authors", "shared"))
   parser.add_argument("--out", default=None)
   args = parser.parse_args()
-  result = run([int(s) for s in args.seeds.split(",")], tempfile.mkdtemp())
+  result = run([int(s) for s in args.seeds.split(",")], tempfile.mkdtemp(), args.protocol)
   print(json.dumps(result, indent=1))
   print("cells: AUC / TPR@1%FPR (below) / TPR@1%FPR (closest) / TPR@0.1%FPR / P@K")
   print(markdown(result))
