@@ -96,7 +96,8 @@ def _value(stage, field, kind, default, d):
       "variant": "fp16", "model_config": d["model_config"], "prediction_type": "v_prediction",
       "image_size": 64, ("scan", "detectors"): ["wen981", "ren_le"],
       "ren_layer": "down_blocks.0.attentions.0", ("generate", "detectors"): ["wen_steps"],
-      "wen_steps": 3}
+      "wen_steps": 3, "detector_protocol": "shared", "detector_generations": 2,
+      "detector_seed": 3}
   value = special.get((stage, field), special.get(field))
   assert value is not None and value != default, (stage, field, kind, default)
   return value
