@@ -26,6 +26,15 @@ OPTIONS = [
     Opt("template_sse_low", "Template pair: SSE above this (not identical)."),
     Opt("template_sse_high", "Template pair: SSE below this (near-identical)."),
     Opt("template_pixel_tol", "Template mask: summed |q - c| over channels below this."),
+    Opt("template_rule", "Template masks from near-duplicate pairs (pair: a varying part of a "
+        "few hundred pixels) or from images sharing one layout (group: any size).",
+        choices=("pair", "group")),
+    Opt("template_agree_low", "Group rule: two images share a layout when they agree on at "
+        "least this fraction of pixels."),
+    Opt("template_agree_high", "Group rule: ...and on less than this fraction (more: copies, "
+        "which say nothing)."),
+    Opt("template_min_partners", "Group rule: layout partners an image needs to be a "
+        "template."),
 ] + options.common("max_prompts", "overwrite", "log_interval_s")
 define, build = command.simple(verify.VerifyConfig, OPTIONS)
 

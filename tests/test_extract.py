@@ -92,6 +92,8 @@ def _value(stage, field, kind, default, d):
       "max_images": 1030, "chunk_rows": 500, "max_train": 700, "k": 3,
       "tv_threshold": 2400.0, "mv_threshold": 2600.0, "rv_threshold": 2900.0,
       "template_sse_low": 90.0, "template_sse_high": 1100.0, "template_pixel_tol": 0.04,
+      "template_rule": "group", "template_agree_low": 0.6, "template_agree_high": 0.998,
+      "template_min_partners": 3,
       "positive": ["MV", "RV"], "k_list": [2, 4], "score_columns": ["scores", "wen"],
       "variant": "fp16", "model_config": d["model_config"], "prediction_type": "v_prediction",
       "image_size": 64, ("scan", "detectors"): ["wen981", "ren_le"],

@@ -6,15 +6,22 @@ The rule, restated here without scipy: pairs (i < j) of present images with
 (a pixel stays 1 when all 9 neighbours are 1, outside the image counts as 0);
 dilate with a 6 x 6 square (a pixel becomes 1 when any pixel at offsets -2..3
 in both axes is 1: scipy centres an even square at index 3); template = q.
+
+The group rule, restated: f_ij = mean(agree(i, j)); partners when 0.5 <= f < 0.999;
+the first unused image with >= 2 partners gives mask = the same erosion and
+dilation of (number of partners q agrees with >= ceil(n / 2)).
 """
+import math
 import os
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import scipy.ndimage
 from PIL import Image
 
 from memjax.data import templates as templates_lib
+from memjax.method import labels
 from memjax.method import masks
 from memjax.runtime.errors import InputError
 
@@ -31,8 +38,15 @@ def _shifted(a, dy, dx):
   return out
 
 
+def _agree(q, c):
+  return np.abs(q.astype(np.float64) - c).sum(-1) < 0.03
+
+
 def _rule_mask(q, c):
-  agree = np.abs(q.astype(np.float64) - c).sum(-1) < 0.03
+  return _clean(_agree(q, c))
+
+
+def _clean(agree):
   eroded = np.ones_like(agree)
   for dy in (-1, 0, 1):
     for dx in (-1, 0, 1):
@@ -204,3 +218,120 @@ def test_check_of_docs_method_md():
   hole[101:130, 101:130] = True
   np.testing.assert_array_equal(t.mask, ~hole)
   assert t.mask.sum() == 64695 and round(t.mask_fraction, 6) == 0.987167
+
+
+# The group rule on a synthetic template family: a fixed layout (frame, logo,
+# dark text bars on a textured background) whose 64 x 64 inset changes colour
+# per member, every member re-encoded (+-1/255 noise, sparse specks).
+INSET = (slice(150, 214), slice(40, 104))
+COLOURS = [(230, 40, 40), (40, 200, 60), (50, 60, 220), (240, 220, 40), (30, 210, 220),
+           (120, 120, 120)]
+
+
+def _texture(seed):
+  rng = np.random.default_rng(seed)
+  small = rng.uniform(60, 200, (16, 16, 3))
+  return scipy.ndimage.zoom(small, (N / 16, N / 16, 1), order=1) + rng.uniform(-25, 25, (N, N, 3))
+
+
+def _unit(array):
+  return (np.clip(np.rint(array), 0, 255).astype(np.uint8) / 255).astype(np.float32)
+
+
+def _member(colour, seed, background=1):
+  rng = np.random.default_rng(100 + seed)
+  im = _texture(background)
+  im[:8] = im[-8:] = im[:, :8] = im[:, -8:] = (20, 30, 90)  # frame
+  yy, xx = np.mgrid[:N, :N]
+  im[(yy - 50) ** 2 + (xx - 200) ** 2 < 28 ** 2] = (250, 180, 20)  # logo: a disc...
+  im[(abs(yy - 50) < 6) & (abs(xx - 200) < 20)] = (255, 255, 255)  # ...with a bar
+  for r in (30, 50, 70, 90):
+    im[r:r + 8, 24:144 - r] = (15, 15, 15)  # text
+  im[INSET] = colour
+  im[INSET] += np.linspace(-20, 20, 64)[None, :, None]
+  im += rng.integers(-1, 2, im.shape)
+  specks = rng.random((N, N)) < 0.002
+  im[specks] += rng.choice([-40, 40], (int(specks.sum()), 3))
+  return _unit(im)
+
+
+def _template_group():
+  """5 members and 3 unrelated images, shuffled; returns (images, member positions)."""
+  members = [_member(COLOURS[i], i) for i in range(5)]
+  unrelated = [_unit(_texture(50 + i)) for i in range(3)]
+  images = [unrelated[0], members[2], unrelated[1], members[0], members[4], unrelated[2],
+            members[1], members[3]]
+  return images, [1, 3, 4, 6, 7]
+
+
+def _fixed():
+  fixed = np.ones((N, N), bool)
+  fixed[INSET] = False
+  return fixed
+
+
+def test_group_rule_finds_a_template_the_pair_rule_misses():
+  images, members = _template_group()
+  # measured: the members' SSEs run from 1465 to 6400, all above the pair window
+  pair_sse = [masks.sse(images[i], images[j]) for i in members for j in members if i < j]
+  assert 1400 < min(pair_sse) and max(pair_sse) < 6500
+  assert masks.templates_for_group(images) == []
+  ids = [f"train_{i}" for i in range(len(images))]
+  (t,) = masks.templates_by_agreement(images, ids, group=5)
+  assert (t.template_id, t.group) == ("train_1", 5)  # the nearest member
+  assert t.partner_id == "train_3,train_4,train_6,train_7"
+  assert t.sse == pytest.approx(min(masks.sse(images[1], images[j]) for j in members[1:]))
+  np.testing.assert_array_equal(t.image, images[1])
+  # against the restated rule: agreement with at least ceil(4 / 2) = 2 partners
+  votes = sum(_agree(images[1], images[j]).astype(int) for j in members[1:])
+  np.testing.assert_array_equal(t.mask, _clean(votes >= math.ceil(4 / 2)))
+  # the mask is the complement of the inset, less the dilation border (measured
+  # IoU 0.9939: a 61 x 61 hole in the 64 x 64 inset)
+  fixed = _fixed()
+  iou = (t.mask & fixed).sum() / (t.mask | fixed).sum()
+  assert iou > 0.95 and not (fixed & ~t.mask).any() and (~t.mask).sum() == 61 * 61
+  # the layout partners: members among themselves only (measured f 0.933 .. 0.934,
+  # unrelated pairs at most 0.0006)
+  partners, copies, fractions = masks.layout_partners(images)
+  assert [p for p in partners] == [[] if i not in members else [j for j in members if j != i]
+                                   for i in range(len(images))]
+  assert copies == [[]] * len(images)
+  assert all(0.9 < f < 0.95 if {i, j} <= set(members) else f < 0.01
+             for (i, j), f in fractions.items())
+
+
+def test_group_rule_tv_error():
+  images, _ = _template_group()
+  (t,) = masks.templates_by_agreement(images)
+  same_layout = _member(COLOURS[5], 9)  # a new inset colour
+  unrelated = _unit(_texture(77))
+  errors = [labels.label_prompt(g[None], templates=[t]).tv_error for g in (same_layout, unrelated)]
+  assert errors[0] < 200 < labels.Thresholds.tv < 10000 < errors[1]  # measured 136 and 10410
+  assert labels.label_prompt(same_layout[None], templates=[t]).label == "TV"
+
+
+def test_group_rule_edges():
+  images, members = _template_group()
+  m = [images[i] for i in members]
+  by = masks.templates_by_agreement
+  assert by([m[0], m[0].copy(), m[0].copy()]) == []  # identical copies say nothing
+  assert by([_unit(_texture(60 + i)) for i in range(4)]) == []  # unrelated: no layout
+  # missing images are skipped, ids kept in place
+  (t,) = by([None, m[0], None, m[1], m[2]], ids="abcde")
+  assert (t.template_id, t.partner_id) == ("b", "d,e")
+  # min_partners: 5 members have 4 partners each
+  assert len(by(images, min_partners=4)) == 1 and by(images, min_partners=5) == []
+  assert by(m[:2]) == [] and len(by(m[:2], min_partners=1)) == 1
+  with pytest.raises(ValueError, match="min_partners"):
+    by(m, min_partners=0)
+  # the agreement window: the members agree on 93% of the pixels
+  assert by(images, agree_low=0.95) == [] and by(images, agree_high=0.9) == []
+  # a copy of the template (f >= 0.999) is used with it, not a second template
+  (t,) = by([m[0], m[0].copy()] + m[1:])
+  assert (t.template_id, t.partner_id) == (0, "2,3,4,5")
+  # two layouts in one group: one template each, nearest first
+  other = [_member(COLOURS[i], 20 + i, background=2) for i in range(3)]
+  got = by([other[0], m[0], other[1], m[1], other[2], m[2]])
+  assert [(t.template_id, t.partner_id) for t in got] == [(0, "2,4"), (1, "3,5")]
+  with pytest.raises(ValueError, match="ids"):
+    by(m, ids=[1])

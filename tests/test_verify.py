@@ -185,3 +185,44 @@ def test_refuses_other_settings_and_bad_input(synthetic):
                                    workdir=str(synthetic["root"] / "x")))
   with pytest.raises(InputError, match="queries must use the same encoder"):
     _run(synthetic, "out_enc", embedder="random:RN50")
+
+
+def test_group_rule_labels_the_template_family(synthetic):
+  manifest, rows, _ = _run(synthetic, "out_group", template_rule="group")
+  assert {pid: r["overfit_type"] for pid, r in rows.items()} == {0: "MV", 1: "TV", 2: "RV",
+                                                                  3: "N", 4: None}
+  assert rows[1]["tv_error"] < 2500 and set(rows[1]["template_indices"]) <= {"201", "202", "203"}
+  # the family's three images share a layout (they agree off the square): each
+  # group holds one template, its nearest member against the other two
+  folder = synthetic["root"] / "out_group" / "verify" / "templates"
+  table = pq.read_table(str(folder / "templates.parquet")).to_pylist()
+  assert len(table) == manifest.counts["templates"] == 4
+  for t in table:
+    assert sorted([t["template_id"]] + t["partner_id"].split(",")) == ["201", "202", "203"]
+    mask = np.asarray(Image.open(folder / t["mask_path"]).convert("L")) > 127
+    assert not mask[SQUARE][5:-5, 5:-5].any() and mask[:40].all()
+  # another rule is another setting; the pair rule's identity is as before the group rule
+  with pytest.raises(InputError, match="template_rule"):
+    _run(synthetic, "out_group")
+  cfg = verify.VerifyConfig(generated="g", index="i", workdir="w")
+  assert verify.VerifyConfig.__dataclass_fields__["template_rule"].default == "pair"
+  store = type("Store", (), {"directory": "i", "info": {}})()
+  pair, group = (verify.VerifyConfig(generated="g", index="i", workdir="w", template_rule=r)
+                 .identity("g", store) for r in ("pair", "group"))
+  assert not {k for k in pair if "agree" in k or "partners" in k or k == "template_rule"}
+  assert "template_sse_low" in pair and "template_sse_low" not in group
+  assert group["template_rule"] == "group" and group["template_min_partners"] == 2
+  assert cfg.identity("g", store) == pair
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"template_rule": "groups"}, "--template_rule=groups: use one of pair, group"),
+    ({"template_agree_low": 0.9, "template_agree_high": 0.9}, "--template_agree_low"),
+    ({"template_agree_high": 1.5}, "at most 1"),
+    ({"template_agree_low": -0.1}, "--template_agree_low must be >= 0"),
+    ({"template_agree_high": float("nan")}, "--template_agree_high must be a finite"),
+    ({"template_min_partners": 0}, "--template_min_partners must be >= 1"),
+])
+def test_template_rule_config_errors(kw, match):
+  with pytest.raises(InputError, match=match):
+    verify.VerifyConfig(generated="g", index="i", workdir="w", **kw)

@@ -13,7 +13,9 @@ folder or absolute) and the prompt table's columns, e.g. `index`, `url`,
 2. the group's images and the prompt's own training image (found in the index
    by the prompt's `index`, else by its `url`) are loaded at 256 x 256
    (Lanczos, no crop); a missing one is recorded, never compared as black;
-3. template masks come from the group's near-duplicate pairs (`method.masks`);
+3. template masks come from the group (`method.masks`): its near-duplicate
+   pairs (`template_rule="pair"`, the default) or the images that share a
+   layout with several others (`"group"`);
 4. the label is TV, MV, RV or N (`method.labels`), every threshold a setting.
 
 `WORKDIR/verify/` gets `verify.parquet` (one row per prompt: the reference's
@@ -60,6 +62,12 @@ _CACHE_IMAGES = 512  # ~400 MB of 256 x 256 x 3 float32 training images
 _EMBED_CHUNK = 256  # generated images decoded at once for the encoder
 
 
+# The template rules (`method.masks`) and the settings only each one reads.
+_RULE_FIELDS = {"pair": ("template_sse_low", "template_sse_high"),
+                "group": ("template_agree_low", "template_agree_high",
+                          "template_min_partners")}
+
+
 @dataclasses.dataclass
 class VerifyConfig:
   """The verify stage's settings (each one a flag of `python -m memjax.verify`)."""
@@ -77,16 +85,26 @@ class VerifyConfig:
   template_sse_low: float = masks_lib.SSE_LOW
   template_sse_high: float = masks_lib.SSE_HIGH
   template_pixel_tol: float = masks_lib.PIXEL_TOL
+  template_rule: str = "pair"  # or "group" (docs/method.md section 6)
+  template_agree_low: float = masks_lib.AGREE_LOW
+  template_agree_high: float = masks_lib.AGREE_HIGH
+  template_min_partners: int = masks_lib.MIN_PARTNERS
   max_prompts: Optional[int] = None
   overwrite: bool = False
   log_interval_s: float = 30.0
 
   def __post_init__(self):
-    checks.at_least(self, 1, "k", "nprobe", "batch_size", "max_prompts")
+    checks.at_least(self, 1, "k", "nprobe", "batch_size", "max_prompts",
+                    "template_min_partners")
     checks.at_least(self, 0, "tv_threshold", "mv_threshold", "rv_threshold", "template_sse_low",
-                    "log_interval_s")
+                    "template_agree_low", "log_interval_s")
     checks.finite(self, "tv_threshold", "mv_threshold", "rv_threshold", "template_sse_low",
-                  "template_sse_high", "template_pixel_tol")
+                  "template_sse_high", "template_pixel_tol", "template_agree_low",
+                  "template_agree_high")
+    checks.one_of(self, "template_rule", tuple(_RULE_FIELDS))
+    if not self.template_agree_low < self.template_agree_high <= 1:
+      raise InputError(f"--template_agree_low={self.template_agree_low} must be below "
+                       f"--template_agree_high={self.template_agree_high}, at most 1")
     if not self.template_sse_low < self.template_sse_high:
       raise InputError(f"--template_sse_low={self.template_sse_low} must be below "
                        f"--template_sse_high={self.template_sse_high}")
@@ -101,6 +119,12 @@ class VerifyConfig:
     d = dataclasses.asdict(self)
     for key in ("workdir", "overwrite", "batch_size", "embedder_checkpoint", "log_interval_s"):
       d.pop(key)
+    for rule, fields in _RULE_FIELDS.items():  # only the chosen rule's settings count
+      if rule != self.template_rule:
+        for key in fields:
+          d.pop(key)
+    if self.template_rule == "pair":
+      d.pop("template_rule")  # as recorded before the group rule existed
     d["generated"], d["index"] = os.path.abspath(generated_dir), os.path.abspath(store.directory)
     d["index_ntotal"] = store.info.get("ntotal")
     return d
@@ -254,6 +278,18 @@ def _embed_generated(cfg: VerifyConfig, gen_dir: str, embedder, store, order, by
   return images, statuses, neighbours
 
 
+def _templates(cfg: VerifyConfig, retrieved, group_keys, pid) -> List[masks_lib.Template]:
+  """The retrieved group's templates under cfg.template_rule."""
+  if cfg.template_rule == "group":
+    return masks_lib.templates_by_agreement(
+        retrieved, group_keys, group=pid, agree_low=cfg.template_agree_low,
+        agree_high=cfg.template_agree_high, min_partners=cfg.template_min_partners,
+        pixel_tol=cfg.template_pixel_tol)
+  return masks_lib.templates_for_group(
+      retrieved, group_keys, group=pid, sse_low=cfg.template_sse_low,
+      sse_high=cfg.template_sse_high, pixel_tol=cfg.template_pixel_tol)
+
+
 def _label_prompt(cfg, store, cache, own_images, pid, gen, images, statuses, best):
   """Retrieved group, templates and label of one prompt -> (row, templates)."""
   first = gen[0]
@@ -263,9 +299,7 @@ def _label_prompt(cfg, store, cache, own_images, pid, gen, images, statuses, bes
   retrieved = [im for im, _, _ in loaded]
   group_keys = [_key(row) for row in group]
   refs = [images_lib.image_ref(row) for row in group]
-  templates = masks_lib.templates_for_group(
-      retrieved, group_keys, group=pid, sse_low=cfg.template_sse_low,
-      sse_high=cfg.template_sse_high, pixel_tol=cfg.template_pixel_tol)
+  templates = _templates(cfg, retrieved, group_keys, pid)
   own_row = own_images.find(first.get("index"), first.get("url"))
   own_ref = images_lib.image_ref(own_row) if own_row else first.get("url")
   own, own_status, own_error = cache.get(("ref", own_ref), own_ref)
