@@ -70,7 +70,9 @@ def test_write_layout(data, tmp_path):
   train = pq.read_table(paths["train"]).to_pydict()
   assert list(train) == ["caption", "image_path", "kind", "group", "copies"]
   ev = pq.read_table(paths["eval"]).to_pydict()
-  assert list(ev) == ["caption", "kind", "memorized", "image_path", "index"]
+  assert list(ev) == ["caption", "kind", "memorized", "image_path", "index", "tone"]
+  assert {t for t, k in zip(ev["tone"], ev["kind"]) if k == "MV"} == {"bright"}
+  assert all(t is None for t, k in zip(ev["tone"], ev["kind"]) if k != "MV")
   # `index` is the train.parquet row holding the caption's own image (verify's MV rule).
   for p, i in zip(ev["image_path"], ev["index"]):
     assert (p is None and i is None) or train["image_path"][i] == p
@@ -81,13 +83,45 @@ def test_write_layout(data, tmp_path):
   assert all(p is None for p, k in zip(ev["image_path"], ev["kind"]) if k == "heldout")
 
 
+LAYOUT = testbed.TestbedSpec(**dict(vars(SPEC), image_size=32, num_mv=9, num_tv_groups=3,
+                                    tv_members=4, mv_backgrounds="any", tv_layout="layout"))
+
+
+def test_layout_templates_and_dark_mv():
+  """Testbed 2's data: LAION-like templates whose members differ in one inset of 3/8
+  of the side (and nowhere else), a third of MV on dark or mid-gray backgrounds."""
+  data, s = testbed.generate(LAYOUT), LAYOUT
+  assert testbed.generate(LAYOUT)["images"][5].tobytes() == data["images"][5].tobytes()
+  side = 3 * s.image_size // 8
+  for g in range(s.num_tv_groups):
+    imgs = np.stack([data["images"][r["image"]] for r in data["train"] if r["group"] == f"tv{g}"])
+    varies = (imgs != imgs[:1]).any(axis=(0, 3))
+    ys, xs = np.nonzero(varies)
+    assert ys.max() - ys.min() < side and xs.max() - xs.min() < side  # one inset
+    assert varies.sum() > side * side // 2  # a photo-sized region, not a few pixels
+    # Members differ in the inset by far more than the pair window's SSE 1000 at 256 px.
+    diff = (imgs[0].astype(float) - imgs[1]) / 255
+    assert np.sum(diff ** 2) * (256 / s.image_size) ** 2 > 1000
+    captions = [r["caption"] for r in data["train"] if r["group"] == f"tv{g}"]
+    assert len({c.rsplit(" ", 1)[0] for c in captions}) == 1
+  mv = [r for r in data["eval"] if r["kind"] == "MV"]
+  assert [r["tone"] for r in mv] == ["dark", "bright", "bright"] * (s.num_mv // 3)
+  dark = {r["caption"].split(" on a ")[1].split()[0] for r in mv if r["tone"] == "dark"}
+  assert dark <= set(testbed.DARK)
+  with pytest.raises(ValueError, match="tv_layout"):
+    testbed.TestbedSpec(tv_layout="grid")
+
+
 def test_auc_table_and_nearest():
   kinds = np.array(["MV", "MV", "TV", "heldout", "heldout", "unique"])
   mem = np.array([1, 1, 1, 0, 0, 0], bool)
   table = testbed_eval.auc_table(kinds, mem, {"s": np.array([5.0, 4, 1, 2, 0, 3])})["s"]
   assert table["MV"] == 1.0 and table["TV"] == 0.5 and table["unique"] == 1.0
   assert table["memorized"] == pytest.approx(5 / 6)
-  assert table["precision_at_k_mv"] == 1.0
+  assert table["precision_at_k_mv"] == 1.0 and "MV_dark" not in table
+  tones = ["dark", "bright", None, None, None, None]
+  table = testbed_eval.auc_table(kinds, mem, {"s": np.array([1.0, 4, 1, 2, 0, 3])}, tones)["s"]
+  assert table["MV_dark"] == 0.5 and table["MV_bright"] == 1.0
   train = np.stack([np.full((4, 4, 3), v) for v in (0.0, 0.5, 1.0)])
   gen = np.stack([np.full((4, 4, 3), 0.6), np.full((4, 4, 3), 0.1)])
   np.testing.assert_array_equal(testbed_eval.nearest_is_own(gen, np.array([1, 2]), train),

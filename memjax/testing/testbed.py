@@ -7,11 +7,18 @@ ships it, so the attack can be checked against planted ground truth:
   background, an uncaptioned second shape, random position, size and texture),
   each seen once. The caption fixes only part of the image, as alt-text does, so
   the model cannot reproduce these images: they should NOT be memorized.
-- MV: scenes drawn the same way (on bright plain or striped backgrounds, see
-  BRIGHT), each repeated `mv_copies` times under one caption.
+- MV: scenes drawn the same way, each repeated `mv_copies` times under one
+  caption. `mv_backgrounds="bright"` (the shipped testbed): bright plain or
+  striped backgrounds only (see BRIGHT); "any": every third MV scene on a dark or
+  mid-gray background (DARK), the others on any other background and style.
 - TV: template groups (a "product shot": fixed layout, fixed label blocks) where a
-  small fixed region changes colour between members; captions share a pattern
-  ("<brand> <product> in <colour>"), like SD2's "Shaw Floors" images.
+  fixed region changes between members; captions share a pattern ("<brand>
+  <product> in <colour>"), like SD2's "Shaw Floors" images. `tv_layout="swatch"`
+  (the shipped testbed): a random scene with text bars and a small square whose
+  colour changes. `tv_layout="layout"` (as Webster found them in LAION): a frame,
+  a logo, text blocks on a pale ground, and an inset of 3/8 of the side that holds
+  a colour swatch, a product (a shape of the named colour on white) or a photo (a
+  small scene whose shape has the named colour), by template.
 - RV: one scene repeated under several captions (alt-text variants that name its
   content with different wording), each caption `rv_copies` times.
 - heldout: captions from the same grammar never trained on (no image), none of
@@ -49,6 +56,14 @@ KINDS = ("MV", "TV", "RV", "unique", "heldout")
 # like the others but on a bright plain or striped background, as poster-like
 # duplicated images are.
 BRIGHT = ("yellow", "cyan", "pink", "white", "orange")
+DARK = ("black", "gray", "brown", "purple")  # dark or mid-gray: a third of MV under "any"
+MV_BACKGROUNDS = ("bright", "any")
+TV_LAYOUTS = ("swatch", "layout")
+# tv_layout="layout": what the inset of template g holds (g % 3) and its products.
+INSETS = ("swatch", "product", "photo")
+INSET_PRODUCTS = {"swatch": ("carpet sample", "tile swatch", "paint chip"),
+                  "product": ("phone case", "mug", "tote bag"),
+                  "photo": ("poster", "greeting card", "photo frame")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +82,16 @@ class TestbedSpec:
   rv_copies: int = 4
   num_heldout: int = 200
   eval_unique: int = 100
+  mv_backgrounds: str = "bright"  # MV_BACKGROUNDS
+  tv_layout: str = "swatch"  # TV_LAYOUTS
+
+  def __post_init__(self):
+    for name, allowed in (("mv_backgrounds", MV_BACKGROUNDS), ("tv_layout", TV_LAYOUTS)):
+      if getattr(self, name) not in allowed:
+        raise ValueError(f"{name}={getattr(self, name)!r}: expected one of {allowed}")
+    if self.tv_members > len(COLORS) - 1:
+      raise ValueError(f"tv_members={self.tv_members}: at most {len(COLORS) - 1} (one colour "
+                       "each)")
 
 
 @dataclasses.dataclass
@@ -154,6 +179,57 @@ def _template(rng: np.random.Generator, size: int) -> Tuple[np.ndarray, Tuple[in
   return np.clip(img, 0, 255).astype(np.uint8), (int(y), int(x), int(side))
 
 
+def _layout_template(rng: np.random.Generator, size: int
+                     ) -> Tuple[np.ndarray, Tuple[int, int, int]]:
+  """A LAION-like template: pale ground, frame, logo, text blocks; returns the image
+  and the (y, x, side) of the inset its members fill."""
+  yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+  pale = np.array(COLORS[str(rng.choice(BRIGHT))], np.float32)
+  img = np.broadcast_to(0.55 * pale + 0.45 * 245, (size, size, 3)).copy()
+  brand = np.array(COLORS[str(rng.choice(("red", "green", "blue", "purple", "black")))],
+                   np.float32)
+  border = max(size // 16, 1)
+  img[:border], img[-border:], img[:, :border], img[:, -border:] = brand, brand, brand, brand
+  side = max(3 * size // 8, 3)
+  left = rng.random() < 0.5  # inset on the left or the right half
+  x = border + 2 if left else size - border - 2 - side
+  y = border + 2
+  # Logo: a shape of the brand colour in the other top corner.
+  r = size * 0.09
+  lx = size - border - 2 - r if left else border + 2 + r
+  img[_shape_mask(str(rng.choice(SHAPES)), yy, xx, border + 2 + r, lx, r)] = brand
+  # Text blocks: dark bars beside the inset (under the logo) and across the bottom.
+  tx0 = x + side + 2 if left else border + 2
+  tx1 = size - border - 2 if left else x - 2
+  for row in range(int(border + 4 + 2 * r), y + side, 3):
+    end = tx0 + int((tx1 - tx0) * rng.uniform(0.5, 1.0))
+    img[row, tx0:end] = 40
+  for row in range(y + side + 2, size - border - 1, 3):
+    for x0 in range(border + 2, size - border - 2, 6):
+      if rng.random() < 0.75:
+        img[row, x0:x0 + 4] = 40
+  img = img + rng.normal(0, 4, img.shape)
+  return np.clip(np.round(img), 0, 255).astype(np.uint8), (int(y), int(x), int(side))
+
+
+def _inset(rng: np.random.Generator, inset: str, color: str, side: int) -> np.ndarray:
+  """What one template member shows in its inset: uint8 [side, side, 3]."""
+  if inset == "swatch":
+    img = np.broadcast_to(np.array(COLORS[color], np.float32), (side, side, 3)).copy()
+    img = img + rng.normal(0, 10, img.shape)  # the swatch's weave
+    return np.clip(np.round(img), 0, 255).astype(np.uint8)
+  if inset == "product":
+    yy, xx = np.mgrid[0:side, 0:side].astype(np.float32)
+    img = np.full((side, side, 3), 245.0, np.float32)
+    c = (side - 1) / 2
+    img[_shape_mask(str(rng.choice(SHAPES)), yy, xx, c, c, side * 0.42)] = COLORS[color]
+    return np.clip(np.round(img + rng.normal(0, 3, img.shape)), 0, 255).astype(np.uint8)
+  scene = random_scene(rng)
+  while scene.bg_color == color:
+    scene = random_scene(rng)
+  return render(dataclasses.replace(scene, color=color, size="large"), rng, side)
+
+
 def generate(spec: TestbedSpec) -> Dict[str, list]:
   """The data set as lists of records.
 
@@ -180,21 +256,37 @@ def generate(spec: TestbedSpec) -> Dict[str, list]:
         used.add(scene.caption())
         return scene
 
+  def mv_background_ok(scene, g):
+    if spec.mv_backgrounds == "bright":
+      return scene.bg_color in BRIGHT and scene.style != "gradient"
+    return (scene.bg_color in DARK) == (g % 3 == 0)
+
   for g in range(spec.num_mv):
     scene = fresh_scene()
-    while scene.bg_color not in BRIGHT or scene.style == "gradient":
+    while not mv_background_ok(scene, g):
       used.discard(scene.caption())
       scene = fresh_scene()
     train.append(dict(caption=scene.caption(), image=add_image(render(scene, rng, s)),
-                      kind="MV", group=f"mv{g}", copies=spec.mv_copies))
+                      kind="MV", group=f"mv{g}", copies=spec.mv_copies,
+                      tone="dark" if scene.bg_color in DARK else "bright"))
     memorized_scenes.append(scene)
   colors = list(COLORS)
   for g in range(spec.num_tv_groups):
-    base, (y, x, side) = _template(rng, s)
-    brand, product = BRANDS[g % len(BRANDS)], PRODUCTS[g % len(PRODUCTS)]
-    for c in rng.choice(colors, spec.tv_members, replace=False):
+    if spec.tv_layout == "swatch":
+      base, (y, x, side) = _template(rng, s)
+      brand, product = BRANDS[g % len(BRANDS)], PRODUCTS[g % len(PRODUCTS)]
+    else:
+      inset = INSETS[g % len(INSETS)]
+      base, (y, x, side) = _layout_template(rng, s)
+      products = INSET_PRODUCTS[inset]
+      brand, product = BRANDS[g % len(BRANDS)], products[(g // len(INSETS)) % len(products)]
+    # A product inset is a shape on white: a white product would not show.
+    names = colors if spec.tv_layout == "swatch" or inset != "product" else [
+        c for c in colors if c != "white"]
+    for c in rng.choice(names, spec.tv_members, replace=False):
       img = base.copy()
-      img[y:y + side, x:x + side] = COLORS[str(c)]
+      img[y:y + side, x:x + side] = (COLORS[str(c)] if spec.tv_layout == "swatch"
+                                     else _inset(rng, inset, str(c), side))
       caption = f"{brand} {product} in {c}"
       used.add(caption)
       train.append(dict(caption=caption, image=add_image(img), kind="TV", group=f"tv{g}",
@@ -219,10 +311,11 @@ def generate(spec: TestbedSpec) -> Dict[str, list]:
                       kind="unique", group=f"u{i}", copies=1))
 
   evals = [dict(caption=r["caption"], kind=r["kind"], memorized=r["kind"] != "unique",
-                image=r["image"]) for r in train if r["kind"] in ("MV", "TV", "RV")]
+                image=r["image"], tone=r.get("tone"))
+           for r in train if r["kind"] in ("MV", "TV", "RV")]
   uniques = [r for r in train if r["kind"] == "unique"][:spec.eval_unique]
-  evals += [dict(caption=r["caption"], kind="unique", memorized=False, image=r["image"])
-            for r in uniques]
+  evals += [dict(caption=r["caption"], kind="unique", memorized=False, image=r["image"],
+                 tone=None) for r in uniques]
   # A held-out caption naming a memorized scene's content (colour, shape and
   # background) with other wording brings that image back, as RV captions do: it
   # would be a memorized prompt labelled "not memorized". Held-out captions
@@ -232,12 +325,16 @@ def generate(spec: TestbedSpec) -> Dict[str, list]:
     scene = fresh_scene()
     while (scene.color, scene.shape, scene.bg_color) in planted:
       scene = fresh_scene()
-    evals.append(dict(caption=scene.caption(), kind="heldout", memorized=False, image=-1))
+    evals.append(dict(caption=scene.caption(), kind="heldout", memorized=False, image=-1,
+                      tone=None))
   return {"images": images, "train": train, "eval": evals}
 
 
 def write(data: Dict[str, list], out_dir: str) -> Dict[str, str]:
   """Writes images/NNNNN.png, train.parquet and eval_prompts.parquet under out_dir.
+
+  eval_prompts.parquet's `tone` is "dark" or "bright" for an MV caption (its
+  background), null for the others.
 
   `image_path` is relative to out_dir (the folder holding the parquets). Each file
   is written under a temporary name and renamed.
@@ -254,7 +351,7 @@ def write(data: Dict[str, list], out_dir: str) -> Dict[str, str]:
     paths.append(rel)
 
   def save(rows, columns, name):
-    table = pa.table({c: [r[c] for r in rows] for c in columns})
+    table = pa.table({c: [r.get(c) for r in rows] for c in columns})
     path = os.path.join(out_dir, name)
     workdir_lib.write_parquet(path, table)
     return path
@@ -270,5 +367,5 @@ def write(data: Dict[str, list], out_dir: str) -> Dict[str, str]:
            for r in data["eval"]]
   return {"train": save(train, ("caption", "image_path", "kind", "group", "copies"),
                         "train.parquet"),
-          "eval": save(evals, ("caption", "kind", "memorized", "image_path", "index"),
+          "eval": save(evals, ("caption", "kind", "memorized", "image_path", "index", "tone"),
                        "eval_prompts.parquet")}

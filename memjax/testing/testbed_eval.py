@@ -6,7 +6,7 @@ The scores come from the scan's own step (`stages.scan.make_step`); the images
 from the one-step sampler's decode, at the guidance scale and at w = 1.
 """
 import os
-from typing import Dict
+from typing import Dict, Optional, Sequence
 
 import jax.numpy as jnp
 import numpy as np
@@ -39,18 +39,23 @@ def _auc(pos: np.ndarray, neg: np.ndarray) -> float:
   return detection.roc_auc(detection.roc_curve(labels, np.r_[pos, neg]))
 
 
-def auc_table(kinds: np.ndarray, memorized: np.ndarray, columns: Dict[str, np.ndarray]
-              ) -> Dict[str, Dict[str, float]]:
+def auc_table(kinds: np.ndarray, memorized: np.ndarray, columns: Dict[str, np.ndarray],
+              tones: Optional[Sequence] = None) -> Dict[str, Dict[str, float]]:
   """AUC of each kind (and MV+TV+RV pooled) against held-out, for each score column;
   `precision_at_k_mv`: fraction of MV / of any memorized caption in the top K
-  (K = number of MV captions) by that column."""
+  (K = number of MV captions) by that column. With `tones` (eval_prompts.parquet's
+  column: "dark" / "bright" for MV captions), also "MV_dark" and "MV_bright"."""
   kinds, memorized = np.asarray(kinds), np.asarray(memorized, bool)
+  tones = np.array([None] * len(kinds) if tones is None else list(tones), object)
   held = kinds == "heldout"
   k = int((kinds == "MV").sum())
   out = {}
   for name, v in columns.items():
     v = np.asarray(v, np.float64)
     row = {kind: _auc(v[kinds == kind], v[held]) for kind in ("MV", "TV", "RV", "unique")}
+    for tone in ("dark", "bright"):
+      if ((kinds == "MV") & (tones == tone)).any():
+        row[f"MV_{tone}"] = _auc(v[(kinds == "MV") & (tones == tone)], v[held])
     row["memorized"] = _auc(v[memorized], v[held])
     top = np.argsort(-v, kind="stable")[:k]
     row["precision_at_k_mv"] = float((kinds[top] == "MV").mean()) if k else float("nan")
@@ -138,7 +143,7 @@ def evaluate(folder: str, guidance_scale: float = 7.5, seeds=EVAL_SEEDS, batch: 
              for key in near}
   scores, wen = scores.mean(axis=1), wen.mean(axis=1)
   return {"guidance_scale": guidance_scale, "seeds": seeds,
-          "auc": auc_table(kinds, memorized, {"scores": scores, "wen": wen}),
+          "auc": auc_table(kinds, memorized, {"scores": scores, "wen": wen}, ev.get("tone")),
           "nearest_own": nearest["cfg"], "nearest_own_w1": nearest["w1"],
           "rows": {"caption": ev["caption"], "kind": ev["kind"], "scores": scores.tolist(),
                    "wen": wen.tolist(), "nearest_own": near["cfg"].mean(axis=1).tolist(),
