@@ -24,6 +24,9 @@ lower-casing those of the reference (Oniguruma: Unicode 15.0; its NFC crate: old
 data; Rust: Unicode 16). They come from comparing every code point with `regex`
 2026.11.19 and Python 3.11 (Unicode 14.0); under another Python, characters
 assigned after Unicode 13 may still be lower-cased or reordered differently.
+
+Where `tokenizers` is installed, `encode_batch` runs the reference's own Rust
+tokenizer instead (tokenizer_fast.py): the same ids, by construction under any Python.
 """
 import functools
 import gzip
@@ -35,6 +38,7 @@ import unicodedata
 import numpy as np
 import regex
 
+from memjax.data import tokenizer_fast
 from memjax.runtime.errors import ConfigError, InputError
 
 _ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
@@ -272,7 +276,7 @@ class CLIPTokenizer:
   """CLIP BPE tokenizer that gives the ids of `transformers.CLIPTokenizer`."""
 
   def __init__(self, vocab, merges, specials, normalized_flags, model_max_length,
-               source="<memory>"):
+               source="<memory>", backend="auto"):
     """Builds the tokenizer; `CLIPTokenizer.from_folder` is the usual way.
 
     Args:
@@ -282,6 +286,8 @@ class CLIPTokenizer:
       normalized_flags: added token -> whether it is matched after normalization.
       model_max_length: length of every row of ids (77 for Stable Diffusion).
       source: where the tokenizer came from, for error messages.
+      backend: what `encode_batch` runs: "rust" (`tokenizers`), "python", or
+        "auto" (rust where `tokenizers` is installed); `self.backend` says which.
     """
     self.vocab = dict(vocab)
     self.model_max_length = model_max_length
@@ -299,12 +305,19 @@ class CLIPTokenizer:
     self._raw_split = self._splitter([t for t, n in normalized_flags.items() if not n])
     self._norm_split = self._splitter([t for t, n in normalized_flags.items() if n])
     self._cache = {}
+    if backend not in ("auto", "rust", "python"):
+      raise ConfigError(f"backend must be 'auto', 'rust' or 'python', got {backend!r}")
+    self._fast = None if backend == "python" else tokenizer_fast.build(
+        self.vocab, merges, specials["unk_token"], normalized_flags)
+    if backend == "rust" and self._fast is None:
+      raise ConfigError("backend 'rust' needs the `tokenizers` package, which is not installed")
+    self.backend = "python" if self._fast is None else "rust"
 
   @classmethod
-  def from_folder(cls, path):
+  def from_folder(cls, path, backend="auto"):
     """Reads a diffusers `tokenizer/` folder (vocab.json, merges.txt, configs)."""
     try:
-      return cls(*_read_folder(path), source=path)
+      return cls(*_read_folder(path), source=path, backend=backend)
     except (TypeError, ValueError, AttributeError, KeyError) as e:  # Malformed JSON values.
       raise ConfigError(f"{path}: malformed tokenizer files ({type(e).__name__}: {e})") from None
 
@@ -393,7 +406,12 @@ class CLIPTokenizer:
     for row, text in enumerate(texts):
       if not isinstance(text, str):
         raise InputError(f"caption {row} is a {type(text).__name__}, not a str: {text!r:.80}")
-      ids = self.encode(text)
+    if self._fast is None:
+      all_ids = map(self.encode, texts)
+    else:  # Rust strings cannot hold lone surrogates: read them as `encode` does.
+      all_ids = self._fast.encode_ids([t if t.isascii() else _SURROGATE.sub("\ufffd", t)
+                                       for t in texts])
+    for row, ids in enumerate(all_ids):
       n_tokens[row] = len(ids)
       ids = [self.bos_id] + ids[:length - 2] + [self.eos_id]
       input_ids[row, :len(ids)] = ids
