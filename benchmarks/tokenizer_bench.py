@@ -25,21 +25,10 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 
 from memjax.data import tables, tokenizer  # noqa: E402
-
-DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "data")
-
-
-def public_captions():
-  captions = []
-  for name in ("sdv1_500_memorized.jsonl", "sd2_memorized.jsonl"):
-    with open(os.path.join(DATA, name), encoding="utf-8") as f:
-      captions += [json.loads(line)["caption"] for line in f if line.strip()]
-  with open(os.path.join(DATA, "sd1_nonmemorized.txt"), encoding="utf-8") as f:
-    captions += [line.rstrip("\n") for line in f if line.strip()]
-  return captions
-
+from public_prompts import read_captions  # noqa: E402  (tests/public_prompts.py)
 
 def _timed(fn, repeats):
   """(median wall s, median CPU s) of fn()."""
@@ -105,7 +94,7 @@ def main():
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--chunk", type=int, default=1024)
   args = parser.parse_args()
-  unique = public_captions()
+  unique = read_captions()
   texts = (unique * (args.target // len(unique) + 1))[:args.target]
   with tempfile.TemporaryDirectory() as folder:
     tokenizer.write_tokenizer_folder(folder)

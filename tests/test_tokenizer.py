@@ -12,7 +12,7 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import DATA
+from public_prompts import read_captions
 from memjax.data import tokenizer, tokenizer_fast
 from memjax.runtime.errors import ConfigError, InputError
 
@@ -31,16 +31,6 @@ HARD_CASES = [
     "\x00\x01\x7f\u200b\ufeff\ufffd", "\u20e6\u0899 D\u093c\u08cf \U00011935\U00011930",
     "\u1c89\U00010d50 \u0558\U00011de0",  # Letters/marks the reference's Unicode lacks.
 ]
-
-
-def _read_captions():
-  captions = []  # tests/data: the repository's copy of the public prompt lists
-  for name in ("sdv1_500_memorized.jsonl", "sd2_memorized.jsonl"):
-    with open(os.path.join(DATA, name), encoding="utf-8") as f:
-      captions += [json.loads(line)["caption"] for line in f if line.strip()]
-  with open(os.path.join(DATA, "sd1_nonmemorized.txt"), encoding="utf-8") as f:
-    captions += [line.rstrip("\n") for line in f if line.strip()]
-  return captions
 
 
 @pytest.fixture(scope="module", params=[(None, SD1_PAD), (None, SD2_PAD), (2000, SD1_PAD),
@@ -69,7 +59,7 @@ def _assert_matches_reference(path, texts):
 
 
 def test_matches_transformers_on_real_captions(folder):
-  captions = _read_captions()
+  captions = read_captions()
   assert len(captions) >= 1200
   _assert_matches_reference(folder, captions)
 

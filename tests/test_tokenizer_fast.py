@@ -10,7 +10,8 @@ import pytest
 
 from memjax.data import tokenizer, tokenizer_fast
 from memjax.runtime.errors import ConfigError, InputError
-from test_tokenizer import HARD_CASES, SD1_PAD, SD2_PAD, _read_captions
+from public_prompts import read_captions
+from test_tokenizer import HARD_CASES, SD1_PAD, SD2_PAD
 
 pytest.importorskip("tokenizers")
 
@@ -33,7 +34,7 @@ def folder(request, tmp_path_factory):
 
 
 def test_rust_equals_python_on_every_output(folder):
-  texts = _read_captions() + TRICKY + SURROGATES
+  texts = read_captions() + TRICKY + SURROGATES
   fast = tokenizer.CLIPTokenizer.from_folder(folder, backend="rust")
   slow = tokenizer.CLIPTokenizer.from_folder(folder, backend="python")
   assert (fast.backend, slow.backend) == ("rust", "python")

@@ -1,4 +1,4 @@
-"""The `tokenizers` (Rust) backend of memjax's CLIP tokenizer: the same ids, faster.
+"""The `tokenizers` (Rust) backend of memjax's CLIP tokenizer: the reference's own ids.
 
 `transformers.CLIPTokenizer` (5.24) is itself a `tokenizers.Tokenizer`; `build`
 makes the same one (its BPE model, normalizer and pre-tokenizer, copied from
