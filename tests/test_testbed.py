@@ -1,6 +1,7 @@
 """The mini-LAION generator plants exactly the structure it claims (issue 4), and
 the metrics used to check the shipped model are right."""
 import collections
+import json
 import os
 
 import numpy as np
@@ -110,6 +111,51 @@ def test_layout_templates_and_dark_mv():
   assert dark <= set(testbed.DARK)
   with pytest.raises(ValueError, match="tv_layout"):
     testbed.TestbedSpec(tv_layout="grid")
+
+
+def test_rv_variants_are_paired_with_their_own_drawings():
+  """rv_layout="variant": the source image is duplicated under one caption that is
+  not an evaluation caption; each RV caption is paired with another drawing of the
+  same content, so what it brings back is not its own image (the labeller's RV)."""
+  spec = testbed.TestbedSpec(**dict(vars(SPEC), rv_layout="variant", rv_source_copies=9,
+                                    rv_copies=1))
+  data = testbed.generate(spec)
+  train = data["train"]
+  per_image = collections.Counter(r["image"] for r in train)
+  assert all(per_image[r["image"]] == 1 for r in train)
+  for g in range(spec.num_rv):
+    source, = [r for r in train if r["kind"] == "RV_source" and r["group"] == f"rv{g}"]
+    variants = [r for r in train if r["kind"] == "RV" and r["group"] == f"rv{g}"]
+    assert source["copies"] == 9 and len(variants) == spec.rv_captions
+    assert {r["copies"] for r in variants} == {1}
+    content = source["caption"].split(" a ", 1)[1].split(" background")[0]
+    assert all(content in r["caption"] for r in variants)
+    src = data["images"][source["image"]].astype(float)
+    for r in variants:  # another drawing: far apart at 256 px (MV threshold 2500)
+      diff = (data["images"][r["image"]] - src) / 255
+      assert np.sum(diff ** 2) * (256 / spec.image_size) ** 2 > 2500
+  ev = {r["caption"]: r for r in data["eval"]}
+  assert not any(r["caption"] in ev for r in train if r["kind"] == "RV_source")
+  assert all(ev[r["caption"]]["image"] == r["image"] for r in train if r["kind"] == "RV")
+  with pytest.raises(ValueError, match="rv_layout"):
+    testbed.TestbedSpec(rv_layout="mixed")
+
+
+def test_shipped_spec_regenerates_the_shipped_data():
+  """The spec in the bundled testbed's train_config.json (fields it lacks take their
+  defaults) draws exactly its train.parquet: new options leave old data alone."""
+  shipped = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                         "memjax", "assets", "testbed")
+  with open(os.path.join(shipped, "train_config.json")) as f:
+    spec = testbed.TestbedSpec(**json.load(f)["spec"])
+  data = testbed.generate(spec)
+  train = pq.read_table(os.path.join(shipped, "train.parquet")).to_pydict()
+  assert train["caption"] == [r["caption"] for r in data["train"]]
+  assert train["copies"] == [r["copies"] for r in data["train"]]
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  for i in (0, len(train["caption"]) // 2, len(train["caption"]) - 1):
+    image = np.asarray(Image.open(os.path.join(shipped, train["image_path"][i])).convert("RGB"))
+    np.testing.assert_array_equal(image, data["images"][data["train"][i]["image"]])
 
 
 def test_auc_table_and_nearest():

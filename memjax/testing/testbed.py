@@ -19,8 +19,14 @@ ships it, so the attack can be checked against planted ground truth:
   a logo, text blocks on a pale ground, and an inset of 3/8 of the side that holds
   a colour swatch, a product (a shape of the named colour on white) or a photo (a
   small scene whose shape has the named colour), by template.
-- RV: one scene repeated under several captions (alt-text variants that name its
-  content with different wording), each caption `rv_copies` times.
+- RV: `rv_layout="shared"` (the shipped testbed): one scene repeated under several
+  captions (alt-text variants that name its content with different wording), each
+  caption `rv_copies` times; every caption's own image is then the scene itself, so
+  the labeller's MV rule claims them first. `rv_layout="variant"` (as Webster found
+  RV in LAION): a source image duplicated `rv_source_copies` times under one
+  caption (not an evaluation caption), and variants of that caption, each paired
+  with its own image (another drawing of the same content, `rv_copies` times): a
+  variant brings back the source image, which is not the one it was paired with.
 - heldout: captions from the same grammar never trained on (no image), none of
   them naming the content (colour, shape, background) of an MV or RV scene.
 
@@ -59,6 +65,7 @@ BRIGHT = ("yellow", "cyan", "pink", "white", "orange")
 DARK = ("black", "gray", "brown", "purple")  # dark or mid-gray: a third of MV under "any"
 MV_BACKGROUNDS = ("bright", "any")
 TV_LAYOUTS = ("swatch", "layout")
+RV_LAYOUTS = ("shared", "variant")
 # tv_layout="layout": what the inset of template g holds (g % 3) and its products.
 INSETS = ("swatch", "product", "photo")
 INSET_PRODUCTS = {"swatch": ("carpet sample", "tile swatch", "paint chip"),
@@ -84,9 +91,12 @@ class TestbedSpec:
   eval_unique: int = 100
   mv_backgrounds: str = "bright"  # MV_BACKGROUNDS
   tv_layout: str = "swatch"  # TV_LAYOUTS
+  rv_layout: str = "shared"  # RV_LAYOUTS
+  rv_source_copies: int = 60  # rv_layout="variant": copies of each source image
 
   def __post_init__(self):
-    for name, allowed in (("mv_backgrounds", MV_BACKGROUNDS), ("tv_layout", TV_LAYOUTS)):
+    for name, allowed in (("mv_backgrounds", MV_BACKGROUNDS), ("tv_layout", TV_LAYOUTS),
+                          ("rv_layout", RV_LAYOUTS)):
       if getattr(self, name) not in allowed:
         raise ValueError(f"{name}={getattr(self, name)!r}: expected one of {allowed}")
     if self.tv_members > len(COLORS) - 1:
@@ -295,15 +305,20 @@ def generate(spec: TestbedSpec) -> Dict[str, list]:
     scene = fresh_scene()
     index = add_image(render(scene, rng, s))
     memorized_scenes.append(scene)
-    variants = set()
+    if spec.rv_layout == "variant":  # the source: not an evaluation caption
+      train.append(dict(caption=scene.caption(), image=index, kind="RV_source",
+                        group=f"rv{g}", copies=spec.rv_source_copies))
+    variants = {}
     while len(variants) < spec.rv_captions:  # same content, other wording
       v = dataclasses.replace(scene, prefix=str(rng.choice(PREFIXES)),
                               suffix=str(rng.choice(SUFFIXES)))
       if v.caption() not in used:
         used.add(v.caption())
-        variants.add(v.caption())
+        variants[v.caption()] = v
     for caption in sorted(variants):
-      train.append(dict(caption=caption, image=index, kind="RV", group=f"rv{g}",
+      own = index if spec.rv_layout == "shared" else add_image(
+          render(variants[caption], rng, s))
+      train.append(dict(caption=caption, image=own, kind="RV", group=f"rv{g}",
                         copies=spec.rv_copies))
   for i in range(spec.num_unique):
     scene = fresh_scene()
