@@ -10,6 +10,9 @@ options every stage shares (--prompt_column, --csv_delimiter, --dtype,
 --attention, --guidance_scale, --log_interval_s, --devices, and how --model is read:
 --variant, --model_config, --prediction_type, --image_size), which reach every
 stage that has them, and the wiring extract does itself (which stage reads which).
+One stage may set its own --guidance_scale, --dtype, --attention or --devices
+(--generate_guidance_scale=1 regenerates without guidance while the scan keeps
+the shared 7.5); left unset, it takes the shared value.
 """
 import json
 from typing import Dict, List, Tuple
@@ -34,6 +37,8 @@ COMMANDS = {"scan": scan_cmd, "blackbox": blackbox_cmd, "generate": generate_cmd
             "report": report_cmd}
 SHARED = ("prompt_column", "csv_delimiter", "dtype", "attention", "guidance_scale",
           "log_interval_s", "devices") + options.MODEL_FILE
+# Shared options one stage may set for itself (`override_table`).
+PER_STAGE = ("guidance_scale", "dtype", "attention", "devices")
 OPTIONS = options.common("model", "prompts", "workdir") + [
     Opt("training_set", "Training-image table (url and/or image_path) to label against."),
     Opt("index", "An existing index (a memjax.index workdir) instead of --training_set."),
@@ -55,6 +60,14 @@ def flag_table() -> Dict[str, List[Tuple[str, Opt]]]:
   return table
 
 
+def override_table() -> Dict[str, Tuple[str, str, Opt]]:
+  """--<stage>_<option> -> (the shared flag, stage, option) for each PER_STAGE option
+  of each stage that has it."""
+  return {f"{stage}_{o.name}": (name, stage, o)
+          for name, targets in flag_table().items() for stage, o in targets
+          if o.field in PER_STAGE}
+
+
 def define(fv: flags.FlagValues = flags.FLAGS) -> None:
   options.define(extract.ExtractConfig, OPTIONS, fv)
   for name, targets in flag_table().items():
@@ -65,6 +78,10 @@ def define(fv: flags.FlagValues = flags.FLAGS) -> None:
     help_text = first.help + (f" (stages: {', '.join(s for s, _ in targets)})"
                               if first.field in SHARED else "")
     options.define_flag(name, kind, default, help_text, first.choices, fv)
+  for name, (shared, stage, o) in override_table().items():
+    kind, _ = options.field_info(extract.CONFIGS[stage], o.field)
+    options.define_flag(name, kind, None, f"{o.help} For the {stage} stage only (default: "
+                        f"--{shared}).", o.choices, fv)
 
 
 def build(fv: flags.FlagValues = flags.FLAGS) -> extract.ExtractConfig:
@@ -74,6 +91,10 @@ def build(fv: flags.FlagValues = flags.FLAGS) -> extract.ExtractConfig:
       kind, _ = options.field_info(extract.CONFIGS[stage], o.field)
       stage_options.setdefault(stage, {})[o.field] = options.parse_value(
           name, kind, fv[name].value)
+  for name, (_, stage, o) in override_table().items():
+    if fv[name].value is not None:
+      kind, _ = options.field_info(extract.CONFIGS[stage], o.field)
+      stage_options[stage][o.field] = options.parse_value(name, kind, fv[name].value)
   return options.build(extract.ExtractConfig, OPTIONS, fv, options=stage_options)
 
 

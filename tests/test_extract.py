@@ -154,6 +154,27 @@ def test_every_flag_reaches_its_stage_manifest(micro_extract, tmp_path):
     assert manifest.config[field] == json.loads(json.dumps(value)), (name, stage, field)
 
 
+def test_one_stage_sets_its_own_shared_option(tmp_path):
+  """--<stage>_guidance_scale (or _dtype, _attention, _devices) sets that stage
+  alone; the others keep the shared flag's value, and unset it changes nothing."""
+  base = [f"--model={os.path.join(REPO, 'memjax/assets/testbed/model')}",
+          f"--prompts={tmp_path / 'p.parquet'}", f"--workdir={tmp_path / 'w'}",
+          f"--training_set={tmp_path / 't.parquet'}", "--guidance_scale=7.5"]
+  configs = extract.stage_configs(parse_command(
+      extract_cmd, base + ["--generate_guidance_scale=1", "--scan_dtype=bfloat16"]))
+  assert {s: configs[s].guidance_scale for s in ("scan", "blackbox", "generate")} == {
+      "scan": 7.5, "blackbox": 7.5, "generate": 1.0}
+  assert {s: configs[s].dtype for s in ("scan", "blackbox", "generate")} == {
+      "scan": "bfloat16", "blackbox": "float32", "generate": "float32"}
+  plain = extract.stage_configs(parse_command(extract_cmd, base))
+  assert all(plain[s].guidance_scale == 7.5 for s in ("scan", "blackbox", "generate"))
+  assert set(extract_cmd.override_table()) >= {"scan_guidance_scale", "blackbox_guidance_scale",
+                                                "generate_guidance_scale", "generate_dtype"}
+  assert not set(extract_cmd.override_table()) & set(extract_cmd.flag_table())
+  with pytest.raises(Exception, match="blackbox_attention"):
+    parse_command(extract_cmd, base + ["--blackbox_attention=fast"])
+
+
 def test_demo_flagfile_parses(tmp_path):
   """Every flag of configs/demo.flags exists (absl refuses unknown ones)."""
   cmd = [sys.executable, "-m", "memjax.extract", "--flagfile=configs/demo.flags",
