@@ -8,6 +8,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from conftest import TESTBED
 from memjax.testing import testbed
 from memjax.testing import testbed_eval
 
@@ -144,17 +145,15 @@ def test_rv_variants_are_paired_with_their_own_drawings():
 def test_shipped_spec_regenerates_the_shipped_data():
   """The spec in the bundled testbed's train_config.json (fields it lacks take their
   defaults) draws exactly its train.parquet: new options leave old data alone."""
-  shipped = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                         "memjax", "assets", "testbed")
-  with open(os.path.join(shipped, "train_config.json")) as f:
+  with open(os.path.join(TESTBED, "train_config.json")) as f:
     spec = testbed.TestbedSpec(**json.load(f)["spec"])
   data = testbed.generate(spec)
-  train = pq.read_table(os.path.join(shipped, "train.parquet")).to_pydict()
+  train = pq.read_table(os.path.join(TESTBED, "train.parquet")).to_pydict()
   assert train["caption"] == [r["caption"] for r in data["train"]]
   assert train["copies"] == [r["copies"] for r in data["train"]]
   from PIL import Image  # pylint: disable=g-import-not-at-top
   for i in (0, len(train["caption"]) // 2, len(train["caption"]) - 1):
-    image = np.asarray(Image.open(os.path.join(shipped, train["image_path"][i])).convert("RGB"))
+    image = np.asarray(Image.open(os.path.join(TESTBED, train["image_path"][i])).convert("RGB"))
     np.testing.assert_array_equal(image, data["images"][data["train"][i]["image"]])
 
 
