@@ -7,6 +7,9 @@ ships it, so the attack can be checked against planted ground truth:
   background, an uncaptioned second shape, random position, size and texture),
   each seen once. The caption fixes only part of the image, as alt-text does, so
   the model cannot reproduce these images: they should NOT be memorized.
+  `small_shapes=False` and `second_shape=1` draw scenes that differ more from one
+  another (a small shape on a plain ground lies close to every image on that
+  ground, which the labeller's RV rule then matches).
 - MV: scenes drawn the same way, each repeated `mv_copies` times under one
   caption. `mv_backgrounds="bright"` (the shipped testbed): bright plain or
   striped backgrounds only (see BRIGHT); "any": every third MV scene on a dark or
@@ -93,6 +96,11 @@ class TestbedSpec:
   tv_layout: str = "swatch"  # TV_LAYOUTS
   rv_layout: str = "shared"  # RV_LAYOUTS
   rv_source_copies: int = 60  # rv_layout="variant": copies of each source image
+  # Scenes that differ more from one another: False drops the "small" size word and
+  # draws an unsized shape at least 0.22 of the side (a small shape on a plain
+  # ground is close to every other image on that ground).
+  small_shapes: bool = True
+  second_shape: float = 0.6  # probability of a scene's uncaptioned second shape
 
   def __post_init__(self):
     for name, allowed in (("mv_backgrounds", MV_BACKGROUNDS), ("tv_layout", TV_LAYOUTS),
@@ -122,9 +130,9 @@ class Scene:
     return text.replace(" a orange", " an orange")
 
 
-def random_scene(rng: np.random.Generator) -> Scene:
+def random_scene(rng: np.random.Generator, sizes: Tuple[str, ...] = SIZES) -> Scene:
   color, bg = rng.choice(list(COLORS), 2, replace=False)
-  return Scene(str(rng.choice(PREFIXES)), str(rng.choice(SIZES)), str(color),
+  return Scene(str(rng.choice(PREFIXES)), str(rng.choice(sizes)), str(color),
                str(rng.choice(SHAPES)), str(bg), str(rng.choice(STYLES)),
                str(rng.choice(SUFFIXES)))
 
@@ -148,8 +156,11 @@ def _shape_mask(shape: str, yy, xx, cy, cx, r) -> np.ndarray:
   raise ValueError(shape)
 
 
-def render(scene: Scene, rng: np.random.Generator, size: int) -> np.ndarray:
-  """A random image that matches `scene`: uint8 [size, size, 3]."""
+def render(scene: Scene, rng: np.random.Generator, size: int, second_shape: float = 0.6,
+           min_radius: float = 0.14) -> np.ndarray:
+  """A random image that matches `scene`: uint8 [size, size, 3]. An uncaptioned
+  second shape is drawn with probability `second_shape`; an unsized shape's radius
+  is at least `min_radius` of the side."""
   yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
   bg = np.array(COLORS[scene.bg_color], np.float32)
   img = np.broadcast_to(bg, (size, size, 3)).copy()
@@ -163,12 +174,12 @@ def render(scene: Scene, rng: np.random.Generator, size: int) -> np.ndarray:
     stripes = ((xx if rng.random() < 0.5 else yy) // period % 2)[..., None]
     img = img * (1 - 0.45 * stripes)
   # An uncaptioned second shape: variation the caption does not determine.
-  if rng.random() < 0.6:
+  if rng.random() < second_shape:
     other = COLORS[str(rng.choice(list(COLORS)))]
     m = _shape_mask(str(rng.choice(SHAPES)), yy, xx, rng.uniform(2, size - 2),
                     rng.uniform(2, size - 2), size * rng.uniform(0.1, 0.18))
     img[m] = other
-  lo, hi = {"small": (0.14, 0.2), "large": (0.3, 0.4), "": (0.14, 0.4)}[scene.size]
+  lo, hi = {"small": (0.14, 0.2), "large": (0.3, 0.4), "": (min_radius, 0.4)}[scene.size]
   r = size * rng.uniform(lo, hi)
   cy, cx = rng.uniform(r * 0.8, size - r * 0.8, 2)
   img[_shape_mask(scene.shape, yy, xx, cy, cx, r)] = COLORS[scene.color]
@@ -259,9 +270,14 @@ def generate(spec: TestbedSpec) -> Dict[str, list]:
     images.append(img)
     return len(images) - 1
 
+  sizes = SIZES if spec.small_shapes else tuple(z for z in SIZES if z != "small")
+
+  def draw(scene):
+    return render(scene, rng, s, spec.second_shape, 0.14 if spec.small_shapes else 0.22)
+
   def fresh_scene():
     while True:
-      scene = random_scene(rng)
+      scene = random_scene(rng, sizes)
       if scene.caption() not in used:
         used.add(scene.caption())
         return scene
@@ -276,7 +292,7 @@ def generate(spec: TestbedSpec) -> Dict[str, list]:
     while not mv_background_ok(scene, g):
       used.discard(scene.caption())
       scene = fresh_scene()
-    train.append(dict(caption=scene.caption(), image=add_image(render(scene, rng, s)),
+    train.append(dict(caption=scene.caption(), image=add_image(draw(scene)),
                       kind="MV", group=f"mv{g}", copies=spec.mv_copies,
                       tone="dark" if scene.bg_color in DARK else "bright"))
     memorized_scenes.append(scene)
@@ -303,7 +319,7 @@ def generate(spec: TestbedSpec) -> Dict[str, list]:
                         copies=spec.tv_copies))
   for g in range(spec.num_rv):
     scene = fresh_scene()
-    index = add_image(render(scene, rng, s))
+    index = add_image(draw(scene))
     memorized_scenes.append(scene)
     if spec.rv_layout == "variant":  # the source: not an evaluation caption
       train.append(dict(caption=scene.caption(), image=index, kind="RV_source",
@@ -317,12 +333,12 @@ def generate(spec: TestbedSpec) -> Dict[str, list]:
         variants[v.caption()] = v
     for caption in sorted(variants):
       own = index if spec.rv_layout == "shared" else add_image(
-          render(variants[caption], rng, s))
+          draw(variants[caption]))
       train.append(dict(caption=caption, image=own, kind="RV", group=f"rv{g}",
                         copies=spec.rv_copies))
   for i in range(spec.num_unique):
     scene = fresh_scene()
-    train.append(dict(caption=scene.caption(), image=add_image(render(scene, rng, s)),
+    train.append(dict(caption=scene.caption(), image=add_image(draw(scene)),
                       kind="unique", group=f"u{i}", copies=1))
 
   evals = [dict(caption=r["caption"], kind=r["kind"], memorized=r["kind"] != "unique",
