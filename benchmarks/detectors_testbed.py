@@ -1,7 +1,7 @@
 """Every detector on a testbed model, per planted kind.
 
     python benchmarks/detectors_testbed.py [--seeds=0,1,2,3] [--protocol=authors|shared]
-      [--testbed=DIR] [--edge] [--labels=WORKDIR] [--out=table.json]
+      [--testbed=DIR] [--edge] [--edge_guidance=7.5,1] [--labels=WORKDIR] [--out=table.json]
 
 Runs `memjax.scan` (the stage's own run) with `--detectors=all` over every
 evaluation caption of `memjax/assets/testbed/eval_prompts.parquet` with the
@@ -18,10 +18,12 @@ number of positives of the kind). The bundled UNet has one cross-attention layer
 `--testbed`: a `memjax.train` workdir (model/, eval_prompts.parquet) in place of
 the bundled testbed. `--edge`: also `memjax.blackbox` (the stage's own run) over
 every evaluation caption with the same seeds, its edge score a column like the
-others. Where eval_prompts.parquet has a `tone` column (testbed 2), MV is also
-split into MV_dark and MV_bright. `--labels`: an extract workdir on the same
-captions; its verify labels against the planted kinds (a planted MV, TV or RV
-caption should be labelled so; a unique or held-out one N): per label, precision
+others (`--edge_guidance`: one column per guidance scale of the one-step samples,
+`edge_scores` at 7.5, `edge_scores_w<w>` at another). Where eval_prompts.parquet
+has a `tone` column (testbed 2), MV is also split into MV_dark and MV_bright.
+`--labels`: an extract workdir on the same captions; its verify labels against
+the planted kinds (a planted MV, TV or RV caption should be labelled so; a
+unique or held-out one N): per label, precision
 (labelled X and planted X / labelled X) and recall (labelled X / planted X among
 the verified captions).
 """
@@ -74,7 +76,7 @@ def labeller(workdir, eval_table) -> dict:
   return out
 
 
-def run(seeds, workdir, protocol="authors", testbed=TESTBED, edge=False):
+def run(seeds, workdir, protocol="authors", testbed=TESTBED, edge=False, edge_guidance=(7.5,)):
   from memjax.runtime import shards  # pylint: disable=g-import-not-at-top
   from memjax.runtime import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   from memjax.stages import metrics  # pylint: disable=g-import-not-at-top
@@ -98,13 +100,15 @@ def run(seeds, workdir, protocol="authors", testbed=TESTBED, edge=False):
   if edge:
     from memjax.stages import blackbox  # pylint: disable=g-import-not-at-top
     t1 = time.perf_counter()
-    blackbox.run(blackbox.BlackboxConfig(
-        workdir=workdir, model=os.path.join(testbed, "model"),
-        prompts=os.path.join(testbed, "eval_prompts.parquet"), seeds=tuple(seeds),
-        batch_size=64, log_interval_s=3600, overwrite=True))
-    bb = shards.open_shards(workdir_lib.stage_dir(workdir, "blackbox")).to_table()
-    bb = bb.sort_by("prompt_id")
-    columns["edge_scores"] = np.array(bb["edge_scores"].to_pylist(), np.float64)[keep]
+    for w in edge_guidance:  # edge_scores at 7.5, edge_scores_w<w> at any other scale
+      blackbox.run(blackbox.BlackboxConfig(
+          workdir=workdir, model=os.path.join(testbed, "model"),
+          prompts=os.path.join(testbed, "eval_prompts.parquet"), seeds=tuple(seeds),
+          batch_size=64, log_interval_s=3600, overwrite=True, guidance_scale=w))
+      bb = shards.open_shards(workdir_lib.stage_dir(workdir, "blackbox")).to_table()
+      bb = bb.sort_by("prompt_id")
+      name = "edge_scores" if w == 7.5 else f"edge_scores_w{w:g}"
+      columns[name] = np.array(bb["edge_scores"].to_pylist(), np.float64)[keep]
     edge_s = round(time.perf_counter() - t1, 1)
   out = {"seeds": list(seeds), "protocol": manifest.details["detector_noise"], "n": {k: int((labels == k).sum()) for k in KINDS + ("N",)},
          "scan_s": round(time.perf_counter() - t0, 1),
@@ -148,11 +152,13 @@ def main():
   parser.add_argument("--protocol", default="authors", choices=("authors", "shared"))
   parser.add_argument("--testbed", default=TESTBED)
   parser.add_argument("--edge", action="store_true")
+  parser.add_argument("--edge_guidance", default="7.5",
+                      help="guidance scales of the blackbox's one-step samples, comma-separated")
   parser.add_argument("--labels", default=None)
   parser.add_argument("--out", default=None)
   args = parser.parse_args()
   result = run([int(s) for s in args.seeds.split(",")], tempfile.mkdtemp(), args.protocol,
-               args.testbed, args.edge)
+               args.testbed, args.edge, [float(w) for w in args.edge_guidance.split(",")])
   if args.labels:
     result["labeller"] = labeller(args.labels, pq.read_table(
         os.path.join(args.testbed, "eval_prompts.parquet")))
