@@ -141,6 +141,15 @@ def test_rv_variants_are_paired_with_their_own_drawings():
   assert all(ev[r["caption"]]["image"] == r["image"] for r in train if r["kind"] == "RV")
   with pytest.raises(ValueError, match="rv_layout"):
     testbed.TestbedSpec(rv_layout="mixed")
+  # rv_variants="suffix": a variant is the source caption up to its suffix, then another.
+  data = testbed.generate(dataclasses.replace(spec, rv_variants="suffix"))
+  for g in range(spec.num_rv):
+    source, = [r["caption"] for r in data["train"]
+               if r["kind"] == "RV_source" and r["group"] == f"rv{g}"]
+    stem = source.split(" background")[0] + " background"
+    variants = [r["caption"] for r in data["train"] if r["kind"] == "RV" and r["group"] == f"rv{g}"]
+    assert len(set(variants)) == spec.rv_captions and source not in variants
+    assert all(v.startswith(stem) for v in variants)
 
 
 def _near_duplicate_share(data, sse=3000.0):

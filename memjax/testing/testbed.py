@@ -30,6 +30,8 @@ ships it, so the attack can be checked against planted ground truth:
   caption (not an evaluation caption), and variants of that caption, each paired
   with its own image (another drawing of the same content, `rv_copies` times): a
   variant brings back the source image, which is not the one it was paired with.
+  `rv_variants`: a variant has another prefix and suffix ("wording") or only
+  another suffix ("suffix").
 - heldout: captions from the same grammar never trained on (no image), none of
   them naming the content (colour, shape, background) of an MV or RV scene.
 
@@ -69,6 +71,7 @@ DARK = ("black", "gray", "brown", "purple")  # dark or mid-gray: a third of MV u
 MV_BACKGROUNDS = ("bright", "any")
 TV_LAYOUTS = ("swatch", "layout")
 RV_LAYOUTS = ("shared", "variant")
+RV_VARIANTS = ("wording", "suffix")
 # tv_layout="layout": what the inset of template g holds (g % 3) and its products.
 INSETS = ("swatch", "product", "photo")
 INSET_PRODUCTS = {"swatch": ("carpet sample", "tile swatch", "paint chip"),
@@ -101,10 +104,15 @@ class TestbedSpec:
   # ground is close to every other image on that ground).
   small_shapes: bool = True
   second_shape: float = 0.6  # probability of a scene's uncaptioned second shape
+  # RV variant captions: "wording" (another prefix and suffix) or "suffix" (the
+  # source caption's prefix and another suffix, as LAION's "<title> wallpaper" /
+  # "<title> iphone case": the text encoder is causal, so every token before the
+  # suffix is encoded as in the source caption).
+  rv_variants: str = "wording"
 
   def __post_init__(self):
     for name, allowed in (("mv_backgrounds", MV_BACKGROUNDS), ("tv_layout", TV_LAYOUTS),
-                          ("rv_layout", RV_LAYOUTS)):
+                          ("rv_layout", RV_LAYOUTS), ("rv_variants", RV_VARIANTS)):
       if getattr(self, name) not in allowed:
         raise ValueError(f"{name}={getattr(self, name)!r}: expected one of {allowed}")
     if self.tv_members > len(COLORS) - 1:
@@ -326,8 +334,8 @@ def generate(spec: TestbedSpec) -> Dict[str, list]:
                         group=f"rv{g}", copies=spec.rv_source_copies))
     variants = {}
     while len(variants) < spec.rv_captions:  # same content, other wording
-      v = dataclasses.replace(scene, prefix=str(rng.choice(PREFIXES)),
-                              suffix=str(rng.choice(SUFFIXES)))
+      prefix = str(rng.choice(PREFIXES)) if spec.rv_variants == "wording" else scene.prefix
+      v = dataclasses.replace(scene, prefix=prefix, suffix=str(rng.choice(SUFFIXES)))
       if v.caption() not in used:
         used.add(v.caption())
         variants[v.caption()] = v
