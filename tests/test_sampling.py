@@ -30,18 +30,21 @@ def _noise(seed=3, n=2):
 class _Bound:
   """A jitted sampler for one model and plan, with trace counters."""
 
-  def __init__(self, model, sampler, steps):
+  def __init__(self, model, sampler, steps, w=7.5):
     self.sd = loading.load_stable_diffusion(model)
     assert self.sd.scheduler_config == loading.read_scheduler_config(model)
     self.plan = sampling.make_plan(sampler, self.sd.schedule, self.sd.scheduler_config, steps)
     self.traces = self.unet_traces = 0
     unet_out = self.sd.unet_out
 
+    self.unet_batches = []
+
     def counted_unet(p, x, t, ctx):
       self.unet_traces += 1  # Python runs only while tracing
+      self.unet_batches.append(x.shape[0])
       return unet_out(p, x, t, ctx)
 
-    inner = sampling.sample_fn_for_model(self.sd, self.plan, 7.5, unet=counted_unet)
+    inner = sampling.sample_fn_for_model(self.sd, self.plan, w, unet=counted_unet)
 
     def counted(*args):
       self.traces += 1
@@ -69,7 +72,7 @@ def _torch_components(model):
   return torch, StableDiffusionPipeline.from_pretrained(model, safety_checker=None)
 
 
-def _torch_ddim(model, prompts, z, steps):
+def _torch_ddim(model, prompts, z, steps, w=7.5):
   """[B, S, H, W, 3]: diffusers' pipeline with DDIMScheduler, eta = 0."""
   torch, pipe = _torch_components(model)
   from diffusers import DDIMScheduler  # pylint: disable=g-import-not-at-top
@@ -78,7 +81,7 @@ def _torch_ddim(model, prompts, z, steps):
   out = []
   for zs in z:  # latents = z * init_noise_sigma (= 1 for DDIM)
     lat = torch.from_numpy(np.broadcast_to(zs, (len(prompts),) + zs.shape).copy())
-    out.append(pipe(prompts, num_inference_steps=steps, guidance_scale=7.5, eta=0.0,
+    out.append(pipe(prompts, num_inference_steps=steps, guidance_scale=w, eta=0.0,
                     latents=lat * pipe.scheduler.init_noise_sigma, output_type="np").images)
   return np.stack(out, 1)
 
@@ -148,6 +151,20 @@ def test_ddim_matches_diffusers_pipeline(style, tiny_sd1, tiny_sd2):
   print(f"{style} DDIM {STEPS} steps: max abs diff {diff:.2e} (image std {ref.std():.3f})")
   assert got.shape == (2, 2, 32, 32, 3)
   assert diff <= TOL
+
+
+def test_without_guidance_only_the_conditional_prediction_is_evaluated(tiny_sd1):
+  """w = 1: one UNet batch of B * S rows a step (not 2 B * S), equal to diffusers'
+  pipeline at guidance_scale=1, which skips CFG too."""
+  z = _noise()
+  bound = _Bound(tiny_sd1, "ddim", STEPS, w=1.0)
+  got = bound(PROMPTS, z)
+  assert bound.unet_batches == [len(PROMPTS) * len(z)]
+  ref = _torch_ddim(tiny_sd1, PROMPTS, z, STEPS, w=1.0)
+  diff = float(np.abs(got - ref).max())
+  print(f"sd1 DDIM {STEPS} steps at w = 1: max abs diff {diff:.2e}")
+  assert diff <= TOL
+  assert float(np.abs(got - _Bound(tiny_sd1, "ddim", STEPS)(PROMPTS, z)).max()) > 10 * TOL
 
 
 def test_heun_matches_kdiffusion_reference_eps(heun_sd1, tiny_sd1):

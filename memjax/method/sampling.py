@@ -239,6 +239,9 @@ def make_sample_fn(text: Callable, unet: Callable, vae_decode: Callable,
   `text(p, ids)`, `unet(p, x, t, ctx)` and `vae_decode(p, z)` take raw param
   trees (`StableDiffusion.text_embed`, `.unet_out`, `.vae_decode`).
 
+  At guidance_scale 1 (and without keep_diffs) each step evaluates the
+  conditional prediction alone: half the UNet work, and what diffusers computes.
+
   keep_diffs (for the trajectory detectors, `memjax.method.trajectory_detectors`):
   the output also has "diffs" [B, S, E, h, w, c] float32, every evaluation's raw
   m_c - m_u (E = plan.evaluations), "x_last" [B * S, h, w, c] the UNet input of
@@ -263,7 +266,15 @@ def make_sample_fn(text: Callable, unet: Callable, vae_decode: Callable,
     z = jnp.broadcast_to(noise[None].astype(jnp.float32), (b, s) + lat).reshape((n,) + lat)
     x = plan.init_scale * z
 
+    def evaluate_cond(carry, row):  # w = 1: the conditional prediction, as diffusers
+      x_one = (row["c_in"] * carry[0]).astype(cond.dtype)  # (which skips CFG at w <= 1)
+      t = jnp.full((n,), row["t"], jnp.float32)
+      m_c = unet(params["unet"], x_one, t, cond).astype(jnp.float32)
+      return update(carry, row, m_c), None, x_one
+
     def evaluate(carry, row):
+      if w == 1.0 and not keep_diffs:
+        return evaluate_cond(carry, row)
       x_one = (row["c_in"] * carry[0]).astype(ctx.dtype)
       x_in = jnp.broadcast_to(x_one[:, None], (n, 2) + lat).reshape((2 * n,) + lat)
       t = jnp.full((2 * n,), row["t"], jnp.float32)
