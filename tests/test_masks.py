@@ -300,6 +300,32 @@ def test_group_rule_finds_a_template_the_pair_rule_misses():
              for (i, j), f in fractions.items())
 
 
+def test_group_rule_memo_reuses_fractions_across_groups(monkeypatch):
+  """With a memo, a pair of ids seen in an earlier group is not compared again, and
+  the templates are those computed without it."""
+  images, _ = _template_group()
+  ids = [f"train_{i}" for i in range(len(images))]
+  plain = masks.templates_by_agreement(images, ids, group=1)
+  calls = []
+  agreement = masks.agreement
+  monkeypatch.setattr(masks, "agreement", lambda *a, **k: calls.append(1) or agreement(*a, **k))
+  memo = {}
+  first = masks.templates_by_agreement(images, ids, group=1, memo=memo)
+  n_pairs = len(images) * (len(images) - 1) // 2
+  assert len(calls) == n_pairs + 4  # every pair, then the 4 partners' votes
+  calls.clear()
+  order = [3, 1, 4, 6, 7, 0]  # another group, sharing images: only the votes again
+  again = masks.templates_by_agreement([images[i] for i in order], [ids[i] for i in order],
+                                       group=2, memo=memo)
+  assert len(calls) == 4
+  plain += masks.templates_by_agreement([images[i] for i in order], [ids[i] for i in order],
+                                        group=2)
+  for t, u in zip(plain, first + again):
+    np.testing.assert_array_equal(t.mask, u.mask)
+  assert [t.template_id for t in first + again] == ["train_1", "train_3"]
+  assert [t.partner_id for t in first + again] == [t.partner_id for t in plain]
+
+
 def test_group_rule_tv_error():
   images, _ = _template_group()
   (t,) = masks.templates_by_agreement(images)

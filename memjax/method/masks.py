@@ -202,7 +202,8 @@ def templates_for_group(images: Sequence[Optional[np.ndarray]],
 
 
 def layout_partners(images: Sequence[Optional[np.ndarray]], agree_low: float = AGREE_LOW,
-                    agree_high: float = AGREE_HIGH, pixel_tol: float = PIXEL_TOL):
+                    agree_high: float = AGREE_HIGH, pixel_tol: float = PIXEL_TOL,
+                    ids: Optional[Sequence] = None, memo: Optional[dict] = None):
   """The group rule's layout partners and identical copies of each image.
 
   Args:
@@ -211,6 +212,10 @@ def layout_partners(images: Sequence[Optional[np.ndarray]], agree_low: float = A
     agree_low, agree_high: i and j share a layout when agree_low <= f_ij <
       agree_high, f_ij = mean(agreement(images[i], images[j], pixel_tol));
       f_ij >= agree_high makes them copies.
+    pixel_tol: as in `agreement`.
+    ids, memo: with both, f_ij is kept in memo under (ids[i], ids[j], pixel_tol)
+      and read back by later calls (groups retrieved for other prompts share
+      images), so ids must name the images' content (training ids).
 
   Returns:
     (partners, copies, fractions): partners[i] and copies[i] list positions in
@@ -221,7 +226,12 @@ def layout_partners(images: Sequence[Optional[np.ndarray]], agree_low: float = A
   copies = [[] for _ in images]
   fractions = {}
   for i, j in _comparable_pairs(images):
-    f = float(np.mean(agreement(images[i], images[j], pixel_tol)))
+    key = None if memo is None or ids is None else (ids[i], ids[j], pixel_tol)
+    f = memo.get(key) if key is not None else None
+    if f is None:
+      f = float(np.mean(agreement(images[i], images[j], pixel_tol)))
+      if key is not None:
+        memo[key] = memo[(ids[j], ids[i], pixel_tol)] = f
     fractions[(i, j)] = f
     if agree_low <= f < agree_high:
       partners[i].append(j)
@@ -240,7 +250,8 @@ def templates_by_agreement(images: Sequence[Optional[np.ndarray]],
                            agree_low: float = AGREE_LOW, agree_high: float = AGREE_HIGH,
                            min_partners: int = MIN_PARTNERS, pixel_tol: float = PIXEL_TOL,
                            erode_size: int = ERODE_SIZE,
-                           dilate_size: int = DILATE_SIZE) -> List[Template]:
+                           dilate_size: int = DILATE_SIZE,
+                           memo: Optional[dict] = None) -> List[Template]:
   """The group rule: one template per layout shared by enough images of the group.
 
   Walking the images nearest first, an image q not yet used with at least
@@ -256,15 +267,19 @@ def templates_by_agreement(images: Sequence[Optional[np.ndarray]],
     agree_low, agree_high: the layout window of the agreement fraction.
     min_partners: partners an image needs to give a template (>= 1).
     pixel_tol, erode_size, dilate_size: as in the pair rule.
+    memo: `layout_partners`' memo of agreement fractions by id pair, shared by
+      calls whose ids name the same images (needs `ids`).
 
   Returns:
     Templates in group order of their q; partner_id is the partners' ids
     joined by ",", sse the SSE of q with the partner of least SSE.
   """
+  memo_ids = ids
   ids = _ids(images, ids)
   if min_partners < 1:
     raise ValueError(f"min_partners must be >= 1, got {min_partners}")
-  partners, copies, _ = layout_partners(images, agree_low, agree_high, pixel_tol)
+  partners, copies, _ = layout_partners(images, agree_low, agree_high, pixel_tol, memo_ids,
+                                        memo)
   used, out = set(), []
   for i, ps in enumerate(partners):
     if i in used or len(ps) < min_partners:

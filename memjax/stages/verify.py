@@ -59,6 +59,7 @@ _PER_IMAGE = ("seed", "image_path", "status")  # generated.parquet columns not p
 _REFERENCE_COLUMNS = ("caption", "index", "url", "scores", "edge_scores", "overfit_type",
                       "gen_seeds", "retrieved_urls", "mse_real_gen", "template_indices")
 _CACHE_IMAGES = 512  # ~400 MB of 256 x 256 x 3 float32 training images
+_MEMO_PAIRS = 500_000  # agreement fractions the group rule keeps (about 100 MB)
 _EMBED_CHUNK = 256  # generated images decoded at once for the encoder
 
 
@@ -278,19 +279,24 @@ def _embed_generated(cfg: VerifyConfig, gen_dir: str, embedder, store, order, by
   return images, statuses, neighbours
 
 
-def _templates(cfg: VerifyConfig, retrieved, group_keys, pid) -> List[masks_lib.Template]:
-  """The retrieved group's templates under cfg.template_rule."""
+def _templates(cfg: VerifyConfig, retrieved, group_keys, pid,
+               memo: dict) -> List[masks_lib.Template]:
+  """The retrieved group's templates under cfg.template_rule. `memo` keeps the
+  group rule's agreement fractions by training-image pair (`_key`, which names a
+  training image) across prompts; it is emptied past _MEMO_PAIRS entries."""
   if cfg.template_rule == "group":
+    if len(memo) > _MEMO_PAIRS:
+      memo.clear()
     return masks_lib.templates_by_agreement(
         retrieved, group_keys, group=pid, agree_low=cfg.template_agree_low,
         agree_high=cfg.template_agree_high, min_partners=cfg.template_min_partners,
-        pixel_tol=cfg.template_pixel_tol)
+        pixel_tol=cfg.template_pixel_tol, memo=memo)
   return masks_lib.templates_for_group(
       retrieved, group_keys, group=pid, sse_low=cfg.template_sse_low,
       sse_high=cfg.template_sse_high, pixel_tol=cfg.template_pixel_tol)
 
 
-def _label_prompt(cfg, store, cache, own_images, pid, gen, images, statuses, best):
+def _label_prompt(cfg, store, cache, own_images, pid, gen, images, statuses, best, memo):
   """Retrieved group, templates and label of one prompt -> (row, templates)."""
   first = gen[0]
   group_ids = sorted(best, key=lambda i: -best[i])  # most similar first
@@ -299,7 +305,7 @@ def _label_prompt(cfg, store, cache, own_images, pid, gen, images, statuses, bes
   retrieved = [im for im, _, _ in loaded]
   group_keys = [_key(row) for row in group]
   refs = [images_lib.image_ref(row) for row in group]
-  templates = _templates(cfg, retrieved, group_keys, pid)
+  templates = _templates(cfg, retrieved, group_keys, pid, memo)
   own_row = own_images.find(first.get("index"), first.get("url"))
   own_ref = images_lib.image_ref(own_row) if own_row else first.get("url")
   own, own_status, own_error = cache.get(("ref", own_ref), own_ref)
@@ -354,11 +360,12 @@ def run(cfg: VerifyConfig) -> workdir_lib.Manifest:
   t0 = time.perf_counter()
   cache = _ImageCache(os.path.join(folder, workdir_lib.IMAGE_CACHE))
   own_images = _OwnImages(store)
+  memo = {}  # the group rule's agreement fractions, by training-image pair
   out_rows, all_templates, counts = [], [], collections.Counter()
   progress = progress_lib.Progress(len(order), "prompts labelled", cfg.log_interval_s)
   for pid in order:
     row, templates = _label_prompt(cfg, store, cache, own_images, pid, by_prompt[pid], images,
-                                   statuses, neighbours[pid])
+                                   statuses, neighbours[pid], memo)
     for seed in (r["seed"] for r in by_prompt[pid]):
       images.pop((pid, seed), None)  # labelled: free its pixels
     out_rows.append(row)
