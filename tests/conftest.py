@@ -56,10 +56,12 @@ def micro_config(folder: str, workdir: str, **changes):
   from memjax.stages import extract  # pylint: disable=g-import-not-at-top
   options = {
       "scan": {"seeds": [0, 1], "batch_size": 32, "top_k": MICRO_TOP_K, "log_interval_s": 60},
-      "blackbox": {"seeds": [0, 1], "top_k": MICRO_TOP_K, "batch_size": 8},
+      # As configs/demo.flags: the blackbox and the regeneration without guidance.
+      "blackbox": {"seeds": [0, 1], "top_k": MICRO_TOP_K, "batch_size": 8,
+                   "guidance_scale": 1.0},
       "generate": {"seeds": [0, 1], "top_k": MICRO_TOP_K, "sampler": "heun", "steps": 8,
-                   "batch_size": 8},
-      "index": {"embedder": "random"}, "verify": {"k": 4},
+                   "batch_size": 8, "guidance_scale": 1.0},
+      "index": {"embedder": "random"}, "verify": {"k": 4, "template_rule": "group"},
       "metrics": {"k_list": [2, 4, 8]}, "report": {"k_list": [2, 4, 8]}}
   for stage, values in changes.pop("options", {}).items():
     options[stage] = dict(options.get(stage, {}), **values)

@@ -394,7 +394,8 @@ def test_verify_killed_then_rerun_equals_uninterrupted(micro_extract, tmp_path):
   ref = pq.read_table(workdir_lib.path(w, "verify", "verify.parquet"))
   config = workdir_lib.read_manifest(w, "verify").config
   shutil.rmtree(workdir_lib.stage_dir(w, "verify"))
-  args = [f"--generated={w}", f"--index={w}", f"--workdir={w}", f"--k={config['k']}"]
+  args = [f"--generated={w}", f"--index={w}", f"--workdir={w}", f"--k={config['k']}",
+          f"--template_rule={config['template_rule']}"]
   proc = subprocess.Popen([sys.executable, "-m", "memjax.verify"] + args, env=ENV, cwd=REPO,
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   record = workdir_lib.path(w, "verify", "run_config.json")
@@ -404,7 +405,8 @@ def test_verify_killed_then_rerun_equals_uninterrupted(micro_extract, tmp_path):
   time.sleep(0.2)  # somewhere in the middle of the work
   proc.send_signal(signal.SIGKILL)
   proc.wait()
-  verify.run(verify.VerifyConfig(generated=w, index=w, workdir=w, k=config["k"]))
+  verify.run(verify.VerifyConfig(generated=w, index=w, workdir=w, k=config["k"],
+                                 template_rule=config["template_rule"]))
   got = pq.read_table(workdir_lib.path(w, "verify", "verify.parquet"))
   assert got.equals(ref)
   leftovers = [n for _, _, names in os.walk(w) for n in names if n.endswith(".tmp")]

@@ -93,7 +93,9 @@ def test_shipped_model_diffusers_and_torch_parity(tmp_path):
   model = os.path.join(SHIPPED, "model")
   pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None)
   img = pipe("velmora carpet sample in red", num_inference_steps=2, output_type="np").images
-  assert img.shape[1:] == (16, 16, 3) and np.isfinite(img).all()
+  with open(os.path.join(SHIPPED, "train_config.json")) as f:
+    size = json.load(f)["spec"]["image_size"]
+  assert img.shape[1:] == (size, size, 3) and np.isfinite(img).all()
 
   ev = pq.read_table(os.path.join(SHIPPED, "eval_prompts.parquet")).to_pydict()
   rows = [i for k in ("MV", "TV", "RV", "unique", "heldout")
@@ -125,16 +127,21 @@ def test_shipped_model_finds_what_was_planted():
   scores = result["auc"]["scores"]
   print(json.dumps({k: v for k, v in result.items() if k != "rows"}))
   assert scores["MV"] >= 0.99 and scores["memorized"] >= 0.9, scores
-  assert scores["precision_at_k_mv"] >= 0.9, scores  # MV captions fill the top 20
+  assert scores["MV_dark"] >= 0.99 and scores["TV"] >= 0.99, scores
+  assert scores["precision_at_k_memorized"] >= 0.9, scores  # planted captions fill the top
   assert result["seeds"] == list(testbed_eval.EVAL_SEEDS)
-  assert result["nearest_own"]["MV"] >= 0.9, result["nearest_own"]
+  # Without guidance the one-step samples of MV and TV captions are nearest their own
+  # training image (at w = 7.5 less often: guidance pushes this small model's samples
+  # away from what it memorized).
+  assert result["nearest_own_w1"]["MV"] >= 0.9, result["nearest_own_w1"]
+  assert result["nearest_own_w1"]["TV"] >= 0.8, result["nearest_own_w1"]
   for kind, value in recorded["auc"]["scores"].items():  # the behaviour it shipped with
     assert scores[kind] == pytest.approx(value, abs=0.01), kind
 
 
 @pytest.mark.slow
 def test_full_recipe_reproduces_the_shipped_behaviour(tmp_path):
-  """configs/testbed.flags from scratch through the command line (10 to 30 min).
+  """configs/testbed.flags from scratch through the command line (25 to 50 min).
 
   The training runs in a fresh process without this suite's 8 fake CPU devices:
   XLA partitions CPU work differently with them, which changes float32 results in
@@ -160,6 +167,6 @@ def test_full_recipe_reproduces_the_shipped_behaviour(tmp_path):
                     "vae/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors")}
   print(json.dumps({"scores": scores, "bit_identical_to_shipped": same}))
   assert scores["MV"] >= 0.99 and scores["memorized"] >= 0.9, scores
-  assert scores["precision_at_k_mv"] >= 0.9, scores
+  assert scores["precision_at_k_memorized"] >= 0.9, scores
   for kind in ("MV", "TV", "RV", "unique", "memorized"):
     assert scores[kind] == pytest.approx(recorded[kind], abs=0.05), (kind, scores)

@@ -11,18 +11,18 @@ ships it, so the attack can be checked against planted ground truth:
   another (a small shape on a plain ground lies close to every image on that
   ground, which the labeller's RV rule then matches).
 - MV: scenes drawn the same way, each repeated `mv_copies` times under one
-  caption. `mv_backgrounds="bright"` (the shipped testbed): bright plain or
+  caption. `mv_backgrounds="bright"` (testbed 1, the defaults): bright plain or
   striped backgrounds only (see BRIGHT); "any": every third MV scene on a dark or
   mid-gray background (DARK), the others on any other background and style.
 - TV: template groups (a "product shot": fixed layout, fixed label blocks) where a
   fixed region changes between members; captions share a pattern ("<brand>
   <product> in <colour>"), like SD2's "Shaw Floors" images. `tv_layout="swatch"`
-  (the shipped testbed): a random scene with text bars and a small square whose
+  (testbed 1, the defaults): a random scene with text bars and a small square whose
   colour changes. `tv_layout="layout"` (as Webster found them in LAION): a frame,
   a logo, text blocks on a pale ground, and an inset of 3/8 of the side that holds
   a colour swatch, a product (a shape of the named colour on white) or a photo (a
   small scene whose shape has the named colour), by template.
-- RV: `rv_layout="shared"` (the shipped testbed): one scene repeated under several
+- RV: `rv_layout="shared"` (testbed 1, the defaults): one scene repeated under several
   captions (alt-text variants that name its content with different wording), each
   caption `rv_copies` times; every caption's own image is then the scene itself, so
   the labeller's MV rule claims them first. `rv_layout="variant"` (as Webster found
@@ -81,7 +81,8 @@ INSET_PRODUCTS = {"swatch": ("carpet sample", "tile swatch", "paint chip"),
 
 @dataclasses.dataclass(frozen=True)
 class TestbedSpec:
-  """Sizes of the planted structure (defaults: the shipped testbed)."""
+  """Sizes of the planted structure (defaults: testbed 1; configs/testbed.flags sets the
+  shipped testbed 2)."""
   seed: int = 0
   image_size: int = 16
   num_unique: int = 1000
