@@ -152,10 +152,11 @@ def test_the_module_field_picks_the_kernel(name, kernel_calls):
   assert default_called == blocked_called  # memjax's choice on CPU
   assert xla_jaxpr != blocked_jaxpr and default_jaxpr == blocked_jaxpr
   assert np.isfinite(xla_out).all() and np.abs(xla_out).max() > 0.1
-  # Equal within 1e-6 of the output's scale (a few float32 ulps after the
-  # module's other layers; test_loading's measure).
+  # Equal within 4e-6 of the output's scale (float32 rounding carried through the
+  # module's other layers; the VAE decoder measured 1.08e-6 of its scale on one
+  # 2-core AMD EPYC machine, under 1e-6 on another: XLA's CPU code differs by host).
   diff = np.abs(blocked_out - xla_out).max()
-  assert diff <= 1e-6 * np.abs(xla_out).max(), diff
+  assert diff <= 4e-6 * np.abs(xla_out).max(), diff
   np.testing.assert_array_equal(default_out, blocked_out)
 
 
