@@ -167,7 +167,7 @@ def _near_duplicate_share(data, sse=3000.0):
 def test_distinct_scenes_have_fewer_near_duplicates():
   """small_shapes=False and second_shape=1: no "small" captions, every unsized shape
   at least 0.22 of the side, and fewer unique images a neighbour could stand in for
-  (measured at 32 px: 9.3 % -> 1.6 % of the unique images in configs/testbed2.flags'
+  (measured at 32 px: 9.3 % -> 1.6 % of the unique images in configs/testbed.flags'
   data set)."""
   spec = testbed.TestbedSpec(**dict(vars(SPEC), image_size=32, num_unique=400))
   distinct = dataclasses.replace(spec, small_shapes=False, second_shape=1.0)
