@@ -266,21 +266,21 @@ def make_sample_fn(text: Callable, unet: Callable, vae_decode: Callable,
     z = jnp.broadcast_to(noise[None].astype(jnp.float32), (b, s) + lat).reshape((n,) + lat)
     x = plan.init_scale * z
 
-    def evaluate_cond(carry, row):  # w = 1: the conditional prediction, as diffusers
-      x_one = (row["c_in"] * carry[0]).astype(cond.dtype)  # (which skips CFG at w <= 1)
+    def evaluate_cond(carry, row):  # w = 1: the conditional prediction alone
+      x_one = (row["c_in"] * carry[0]).astype(cond.dtype)
       t = jnp.full((n,), row["t"], jnp.float32)
       m_c = unet(params["unet"], x_one, t, cond).astype(jnp.float32)
       return update(carry, row, m_c), None, x_one
 
-    def evaluate(carry, row):
-      if w == 1.0 and not keep_diffs:
-        return evaluate_cond(carry, row)
+    def evaluate_cfg(carry, row):
       x_one = (row["c_in"] * carry[0]).astype(ctx.dtype)
       x_in = jnp.broadcast_to(x_one[:, None], (n, 2) + lat).reshape((2 * n,) + lat)
       t = jnp.full((2 * n,), row["t"], jnp.float32)
       out = unet(params["unet"], x_in, t, ctx).astype(jnp.float32).reshape((n, 2) + lat)
       m_u, m_c = out[:, 0], out[:, 1]
       return update(carry, row, m_u + w * (m_c - m_u)), m_c - m_u, x_one
+
+    evaluate = evaluate_cond if w == 1.0 and not keep_diffs else evaluate_cfg
 
     def body(carry, row):
       return evaluate(carry, row)[0], None
